@@ -1,0 +1,604 @@
+# Q-score matching (QSM): Psenka, Escontrela, Abbeel, Ma, "Learning a Diffusion Model Policy from Rewards via
+# Q-Score Matching", ICML 2024, https://arxiv.org/abs/2312.11752. Usage and metrics: README.md.
+import os
+
+# No rendering happens here; without this, dm_control probes for an X display at import and warns.
+# Set MUJOCO_GL=egl (GPU) or MUJOCO_GL=osmesa (CPU) yourself to render.
+os.environ.setdefault("MUJOCO_GL", "disable")
+
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from dm_control import suite
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (Python, NumPy, torch and the dm_control tasks)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = torch.cuda.is_available()
+    """train on the GPU (the default where one is visible); `--cuda` without one is an error"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "qsm"
+    """the wandb's project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of wandb's project"""
+    save_model: bool = False
+    """save the networks, optimisers and args to `runs/{run_name}/{exp_name}.pt` at the end"""
+
+    # Algorithm specific arguments
+    env_id: str = "cheetah-run"
+    """the dm_control task as `domain-task`, split at the first `-` (e.g. `ball_in_cup-catch`)"""
+    total_timesteps: int = 1_000_000
+    """total environment steps (action repeat included)"""
+    learning_starts: int = 10_000
+    """environment steps of uniformly random actions before the first update"""
+    buffer_size: int = 1_000_000
+    """the replay memory buffer size (transitions)"""
+    batch_size: int = 256
+    """the batch size of sample from the replay memory"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    tau: float = 0.005
+    """target critic smoothing coefficient (Polyak)"""
+    critic_lr: float = 3e-4
+    """the learning rate of the twin critics (Adam)"""
+    actor_lr: float = 3e-4
+    """the initial learning rate of the denoiser (Adam, cosine decay)"""
+    actor_lr_decay_steps: int = 2_000_000
+    """updates over which the denoiser's learning rate decays to 0 by a cosine (the official code's 2e6)"""
+    critic_hidden_dims: tuple[int, ...] = (512, 512)
+    """hidden layer sizes of each critic MLP (ReLU)"""
+    actor_hidden_dims: tuple[int, ...] = (512, 512)
+    """hidden layer sizes of the denoiser MLP (mish)"""
+    T: int = 5
+    """number of diffusion steps of the DDPM policy"""
+    beta_schedule: str = "vp"
+    """noise schedule of the diffusion: `vp`, `cosine` or `linear`"""
+    ddpm_temperature: float = 1.0
+    """scale of the noise injected at every reverse step of the sampler (0: deterministic chain)"""
+    clip_sampler: bool = True
+    """clip the sample to [-1, 1] after every reverse step"""
+    M_q: float = 50.0
+    """the QSM scale alpha: the denoiser regresses onto -M_q * grad_a Q"""
+    exploration_noise: float = 0.1
+    """std of the Gaussian noise added to the DDPM action when acting"""
+    target_noise: float = 0.1
+    """std of the Gaussian noise added to the DDPM next action in the TD target"""
+    utd_ratio: int = 1
+    """critic and score updates per environment step (each one a real update on a fresh batch)"""
+    eval_interval: int = 10_000
+    """evaluate the policy every this many environment steps"""
+    eval_episodes: int = 5
+    """full episodes per evaluation (DDPM sample, no exploration noise), run side by side"""
+    action_repeat: int = 1
+    """repeat every action this many control steps, summing the rewards"""
+    compile: bool = False
+    """compile the updates and the sampler with `torch.compile`"""
+
+
+BETA_SCHEDULES = ("vp", "cosine", "linear")
+ENV_IDS = tuple(f"{domain}-{task}" for domain, task in suite.ALL_TASKS)
+
+
+def check_args(args: Args) -> str | None:
+    """The first problem with `args` as a one-line message naming the flag and the fix, or None."""
+    if args.env_id not in ENV_IDS:
+        return f"--env-id {args.env_id!r} is not a dm_control task; valid ids: {', '.join(ENV_IDS)}"
+    if args.beta_schedule not in BETA_SCHEDULES:
+        return f"--beta-schedule {args.beta_schedule!r} is unknown; use one of: {', '.join(BETA_SCHEDULES)}"
+    if args.cuda and not torch.cuda.is_available():
+        return "--cuda was given but torch sees no CUDA device; drop --cuda or install a CUDA build of torch (README)"
+    positive = ("T", "batch_size", "buffer_size", "total_timesteps", "utd_ratio", "eval_interval", "eval_episodes",
+                "action_repeat", "actor_lr_decay_steps", "M_q", "critic_lr", "actor_lr")  # fmt: skip
+    for name in positive:
+        if getattr(args, name) <= 0:
+            return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
+    if args.batch_size > args.buffer_size:
+        return f"--batch-size {args.batch_size} exceeds --buffer-size {args.buffer_size}; lower one or raise the other"
+    if args.learning_starts < 0:
+        return f"--learning-starts must be >= 0, got {args.learning_starts}"
+    if not 0.0 <= args.gamma <= 1.0:
+        return f"--gamma must lie in [0, 1], got {args.gamma}"
+    if not 0.0 < args.tau <= 1.0:
+        return f"--tau must lie in (0, 1], got {args.tau}"
+    for name in ("ddpm_temperature", "exploration_noise", "target_noise"):
+        if getattr(args, name) < 0:
+            return f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}"
+    for name in ("critic_hidden_dims", "actor_hidden_dims"):
+        dims = getattr(args, name)
+        if not dims or min(dims) <= 0:
+            return f"--{name.replace('_', '-')} needs one or more positive sizes, got {dims}"
+    return None
+
+
+# ENVIRONMENT: dm_control, no gym layer. The agent acts in [-1, 1]^A; observations are one float32 vector.
+def parse_env_id(env_id: str) -> tuple[str, str]:
+    """`cartpole-swingup_sparse` -> (`cartpole`, `swingup_sparse`): split at the first `-` only."""
+    if env_id not in ENV_IDS:
+        raise ValueError(f"--env-id {env_id!r} is not a dm_control task; valid ids: {', '.join(ENV_IDS)}")
+    domain, task = env_id.split("-", 1)
+    return domain, task
+
+
+def flatten_observation(observation: dict) -> np.ndarray:
+    """The observation dict in its spec's (fixed) order, each entry raveled, as one float32 vector."""
+    return np.concatenate([np.asarray(v, dtype=np.float32).ravel() for v in observation.values()])
+
+
+class DMCEnv:
+    """A dm_control task with the agent's action in [-1, 1], flat float32 observations and action repeat."""
+
+    def __init__(self, env_id: str, seed: int, action_repeat: int = 1):
+        domain, task = parse_env_id(env_id)
+        self.env = suite.load(domain, task, task_kwargs={"random": seed})
+        spec = self.env.action_spec()
+        self.action_low = spec.minimum.astype(np.float64)
+        self.action_high = spec.maximum.astype(np.float64)
+        self.action_dim = spec.shape[0]
+        self.obs_dim = sum(int(np.prod(s.shape)) for s in self.env.observation_spec().values())
+        self.action_repeat = action_repeat
+
+    def rescale(self, action: np.ndarray) -> np.ndarray:
+        """[-1, 1] -> [minimum, maximum] of the task's action spec."""
+        return self.action_low + (np.clip(action, -1.0, 1.0) + 1.0) * 0.5 * (self.action_high - self.action_low)
+
+    def reset(self) -> np.ndarray:
+        return flatten_observation(self.env.reset().observation)
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, float, bool]:
+        """Returns (next_obs, summed reward, bootstrap mask, episode over).
+
+        The mask is the time step's `discount`: 0 only at a true terminal state, 1 at a time limit, so a time
+        limit never cuts the bootstrap."""
+        reward = 0.0
+        for _ in range(self.action_repeat):
+            time_step = self.env.step(self.rescale(action))
+            reward += time_step.reward or 0.0
+            if time_step.last():
+                break
+        return flatten_observation(time_step.observation), reward, float(time_step.discount), time_step.last()
+
+
+# ALGO LOGIC: networks
+def xavier_linear(in_dim: int, out_dim: int) -> nn.Linear:
+    layer = nn.Linear(in_dim, out_dim)
+    nn.init.xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class TwinCritic(nn.Module):
+    """Two ReLU MLPs Q_i(s, a) on concat(s, a), as one module with stacked weights: one batched matmul per layer
+    evaluates both critics (the official code's two-member ensemble)."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_dims: tuple[int, ...], num_q: int = 2):
+        super().__init__()
+        dims = (obs_dim + action_dim, *hidden_dims, 1)
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for in_dim, out_dim in zip(dims[:-1], dims[1:]):
+            weight = torch.empty(num_q, in_dim, out_dim)
+            for w in weight:  # Xavier-uniform per critic, as the official init
+                nn.init.xavier_uniform_(w.T)
+            self.weights.append(nn.Parameter(weight))
+            self.biases.append(nn.Parameter(torch.zeros(num_q, 1, out_dim)))
+        self.obs_dim = obs_dim
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """(B, S), (B, A) -> Q values (num_q, B)."""
+        x = torch.cat([obs, actions], dim=-1).expand(len(self.weights[0]), -1, -1)
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(bias, x, weight)
+            if i < len(self.weights) - 1:
+                x = F.relu(x)
+        return x.squeeze(-1)
+
+    def action_grad(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """grad_a Q_i(s, a) for every critic, (num_q, B, A); no gradient reaches the critics.
+
+        For a ReLU MLP the input gradient is W_1^T D_1 W_2^T D_2 ... w_out, D_l = diag(h_l > 0): one forward pass and
+        one product per layer back. Written out because autograd here would also build a graph for the parameters
+        and, inside torch.compile, break the graph."""
+        with torch.no_grad():
+            x = torch.cat([obs, actions], dim=-1).expand(len(self.weights[0]), -1, -1)
+            active = []
+            for weight, bias in zip(self.weights[:-1], self.biases[:-1]):
+                x = F.relu(torch.baddbmm(bias, x, weight))
+                active.append(x > 0)
+            grad = self.weights[-1].transpose(1, 2)  # dQ/dh_L: (num_q, 1, H_L)
+            for weight, mask in zip(reversed(self.weights[1:-1]), reversed(active[1:])):
+                grad = torch.bmm(grad * mask, weight.transpose(1, 2))  # dQ/dh_{l-1} = (dQ/dh_l * D_l) W_l^T
+            return torch.bmm(grad * active[0], self.weights[0][:, self.obs_dim :].transpose(1, 2))
+
+
+class FourierFeatures(nn.Module):
+    """Learnable Fourier features of the diffusion step: t -> [cos(2 pi t W), sin(2 pi t W)], W ~ N(0, 0.2^2)."""
+
+    def __init__(self, output_size: int = 64):
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(output_size // 2, 1) * 0.2)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        f = 2 * math.pi * t @ self.kernel.T
+        return torch.cat([torch.cos(f), torch.sin(f)], dim=-1)
+
+
+class Denoiser(nn.Module):
+    """eps_theta(s, a_t, t): time -> Fourier features -> MLP(128, 128) mish -> cond; MLP mish on concat(a_t, s, cond).
+
+    The first layer W [a; s; cond] + b is split into the parts of a_t, s and cond, so the sampler can compute the
+    state's share once per call and the time's share once per step instead of once per denoising pass per sample."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_dims: tuple[int, ...], time_dim: int = 64):
+        super().__init__()
+        self.time_features = nn.Sequential(
+            FourierFeatures(time_dim), xavier_linear(time_dim, 128), nn.Mish(), xavier_linear(128, 128)
+        )
+        dims = (action_dim + obs_dim + 128, *hidden_dims)
+        self.hidden = nn.ModuleList(xavier_linear(i, o) for i, o in zip(dims[:-1], dims[1:]))
+        self.out = xavier_linear(dims[-1], action_dim)
+        self.action_dim, self.obs_dim = action_dim, obs_dim
+
+    def state_part(self, obs: torch.Tensor) -> torch.Tensor:
+        """The state's share of the first layer, W_s s + b: (B, S) -> (B, H)."""
+        first = self.hidden[0]
+        return F.linear(obs, first.weight[:, self.action_dim : self.action_dim + self.obs_dim], first.bias)
+
+    def time_part(self, t: torch.Tensor) -> torch.Tensor:
+        """The time's share of the first layer, W_c cond(t): (N, 1) float steps -> (N, H)."""
+        return F.linear(self.time_features(t), self.hidden[0].weight[:, self.action_dim + self.obs_dim :])
+
+    def head(self, actions: torch.Tensor, state_part: torch.Tensor, time_part: torch.Tensor) -> torch.Tensor:
+        x = F.mish(F.linear(actions, self.hidden[0].weight[:, : self.action_dim]) + state_part + time_part)
+        for layer in self.hidden[1:]:
+            x = F.mish(layer(x))
+        return self.out(x)
+
+    def forward(self, obs: torch.Tensor, noisy_actions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """(B, S), (B, A), (B,) integer steps -> predicted noise (B, A)."""
+        return self.head(noisy_actions, self.state_part(obs), self.time_part(t.float().unsqueeze(-1)))
+
+
+# ALGO LOGIC: the diffusion policy
+def beta_schedule(name: str, T: int) -> np.ndarray:
+    """beta_1..beta_T (float64), as the official code's schedules."""
+    if name == "vp":  # beta_t = 1 - exp(-b_min/T - (b_max - b_min)(2t - 1) / (2 T^2)), t = 1..T
+        t = np.arange(1, T + 1)
+        b_min, b_max = 0.1, 10.0
+        return 1.0 - np.exp(-b_min / T - 0.5 * (b_max - b_min) * (2 * t - 1) / T**2)
+    if name == "cosine":  # Nichol & Dhariwal (2021), s = 0.008
+        s = 0.008
+        alpha_bar = np.cos((np.linspace(0, T, T + 1) / T + s) / (1 + s) * np.pi / 2) ** 2
+        return np.clip(1.0 - alpha_bar[1:] / alpha_bar[:-1], 0.0, 0.999)
+    if name == "linear":
+        return np.linspace(1e-4, 2e-2, T)
+    raise ValueError(f"--beta-schedule {name!r} is unknown; use one of: {', '.join(BETA_SCHEDULES)}")
+
+
+class DiffusionSchedule:
+    """beta_t, alpha_t = 1 - beta_t and alpha_bar_t = prod_{k<=t} alpha_k, indexed t = 0..T-1 as the code's steps."""
+
+    def __init__(self, name: str, T: int, device: torch.device | str = "cpu"):
+        self.T = T
+        self.betas = beta_schedule(name, T)
+        self.alphas = 1.0 - self.betas
+        self.alpha_bars = np.cumprod(self.alphas)
+        # The sampler reads the coefficients as Python floats (constants under torch.compile, no device reads);
+        # the score update indexes alpha_bar with a random step per sample, so it also lives on the device.
+        self.alpha_bars_t = torch.tensor(self.alpha_bars, dtype=torch.float32, device=device)
+
+
+def ddpm_sample(
+    denoiser: Denoiser,
+    schedule: DiffusionSchedule,
+    obs: torch.Tensor,
+    temperature: float = 1.0,
+    clip: bool = True,
+    x_T: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reverse DDPM chain from x_T ~ N(0, I) to an action in [-1, 1]^A: (B, S) -> (B, A). No gradient flows."""
+    with torch.no_grad():
+        x = torch.randn(obs.shape[0], denoiser.action_dim, device=obs.device) if x_T is None else x_T
+        state_part = denoiser.state_part(obs)  # once per call, not once per step
+        steps = torch.arange(schedule.T, device=obs.device, dtype=torch.float32).unsqueeze(-1)
+        time_parts = denoiser.time_part(steps)  # (T, H): once per step for the whole batch
+        for t in reversed(range(schedule.T)):
+            alpha, alpha_bar, beta = schedule.alphas[t], schedule.alpha_bars[t], schedule.betas[t]
+            eps_pred = denoiser.head(x, state_part, time_parts[t])
+            # x_{t-1} = (x_t - (1 - alpha_t) / sqrt(1 - alpha_bar_t) * eps_theta(s, x_t, t)) / sqrt(alpha_t)
+            x = (x - (1.0 - alpha) / math.sqrt(1.0 - alpha_bar) * eps_pred) / math.sqrt(alpha)
+            if t > 0:  # + sqrt(beta_t) * temperature * z
+                x = x + math.sqrt(beta) * temperature * torch.randn_like(x)
+            if clip:
+                x = x.clamp(-1.0, 1.0)
+        return x.clamp(-1.0, 1.0)
+
+
+# ALGO LOGIC: replay buffer
+class Batch(NamedTuple):
+    obs: torch.Tensor  # (B, S)
+    actions: torch.Tensor  # (B, A), in [-1, 1]
+    rewards: torch.Tensor  # (B,)
+    next_obs: torch.Tensor  # (B, S)
+    masks: torch.Tensor  # (B,), 0 at a true terminal state, else 1
+
+
+class ReplayBuffer:
+    """A ring buffer of preallocated tensors on the training device; sampling is uniform with replacement."""
+
+    def __init__(self, capacity: int, obs_dim: int, action_dim: int, device: torch.device | str = "cpu"):
+        self.obs = torch.zeros(capacity, obs_dim, device=device)
+        self.next_obs = torch.zeros(capacity, obs_dim, device=device)
+        self.actions = torch.zeros(capacity, action_dim, device=device)
+        self.rewards = torch.zeros(capacity, device=device)
+        self.masks = torch.zeros(capacity, device=device)
+        self.capacity, self.pos, self.size = capacity, 0, 0
+
+    def add(self, obs, action, reward: float, next_obs, mask: float) -> None:
+        i = self.pos
+        self.obs[i] = torch.as_tensor(obs)
+        self.actions[i] = torch.as_tensor(action)
+        self.rewards[i] = reward
+        self.next_obs[i] = torch.as_tensor(next_obs)
+        self.masks[i] = mask
+        self.pos = (i + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size: int) -> Batch:
+        idx = torch.randint(0, self.size, (batch_size,), device=self.obs.device)
+        return Batch(self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.masks[idx])
+
+
+# ALGO LOGIC: the two losses of Algorithm 1
+def td_target(
+    critic_target: TwinCritic,
+    denoiser: Denoiser,
+    schedule: DiffusionSchedule,
+    batch: Batch,
+    gamma: float,
+    target_noise: float,
+    temperature: float = 1.0,
+    clip: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = r + gamma * mask * min_i Q_i_targ(s', a'), a' = clip(DDPM(s') + N(0, target_noise^2)). Returns (y, a')."""
+    with torch.no_grad():
+        next_actions = ddpm_sample(denoiser, schedule, batch.next_obs, temperature, clip)
+        noisy_next_actions = (next_actions + target_noise * torch.randn_like(next_actions)).clamp(-1.0, 1.0)
+        next_q = critic_target(batch.next_obs, noisy_next_actions).min(dim=0).values  # (B,)
+        return batch.rewards + gamma * batch.masks * next_q, next_actions
+
+
+def qsm_loss(
+    denoiser: Denoiser, critic: TwinCritic, schedule: DiffusionSchedule, batch: Batch, M_q: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Q-score matching loss on replay actions: mean (eps_theta(s, a_t, t) - (-M_q grad_a Q(s, a_t)))^2.
+
+    Returns (loss, q_grad). The denoiser predicts noise and the reverse step subtracts it, so matching -M_q grad_a Q
+    makes every denoising step climb Q. Only the denoiser is differentiated, never the sampling chain."""
+    B, A = batch.actions.shape
+    t = torch.randint(0, schedule.T, (B,), device=batch.actions.device)  # t ~ U{0..T-1}
+    noise = torch.randn_like(batch.actions)  # eps ~ N(0, I)
+    alpha_bar = schedule.alpha_bars_t[t].unsqueeze(-1)
+    noisy_actions = alpha_bar.sqrt() * batch.actions + (1.0 - alpha_bar).sqrt() * noise  # a_t, (B, A)
+    q_grad = critic.action_grad(batch.obs, noisy_actions).mean(dim=0)  # mean_i grad_a Q_i(s, a_t), (B, A)
+    eps_pred = denoiser(batch.obs, noisy_actions, t)  # (B, A)
+    loss = (eps_pred - (-M_q * q_grad)).pow(2).mean()  # eps_theta(s, a_t, t) -> -M_q * grad_a Q(s, a_t)
+    return loss, q_grad
+
+
+def update_critic(critic, critic_target, denoiser, critic_optimizer, schedule, batch: Batch, args: Args) -> dict:
+    """One TD step on both critics, then the Polyak step of the targets. Returns detached metrics (no syncs)."""
+    y, next_actions = td_target(
+        critic_target, denoiser, schedule, batch, args.gamma, args.target_noise, args.ddpm_temperature, args.clip_sampler
+    )
+    q = critic(batch.obs, batch.actions)  # (2, B)
+    qf_losses = (q - y).pow(2).mean(dim=1)  # per critic MSE
+    critic_optimizer.zero_grad(set_to_none=True)
+    qf_losses.mean().backward()  # as the official code: the mean over both critics and the batch
+    critic_optimizer.step()
+    with torch.no_grad():  # theta_targ <- (1 - tau) theta_targ + tau theta
+        torch._foreach_lerp_(list(critic_target.parameters()), list(critic.parameters()), args.tau)
+    return {
+        "losses/qf1_loss": qf_losses[0].detach(),
+        "losses/qf2_loss": qf_losses[1].detach(),
+        "losses/qf1_values": q[0].mean().detach(),
+        "losses/qf2_values": q[1].mean().detach(),
+        "losses/td_target": y.mean(),
+        # share of sampled action components at +-1: QSM with a clip every step tends to bang-bang policies
+        "charts/action_saturation": (next_actions.abs() >= 1.0).float().mean(),
+    }
+
+
+def update_actor(denoiser, critic, actor_optimizer, schedule, batch: Batch, args: Args) -> dict:
+    """One QSM step on the denoiser against the current critics."""
+    loss, q_grad = qsm_loss(denoiser, critic, schedule, batch, args.M_q)
+    actor_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    actor_optimizer.step()
+    return {"losses/actor_loss": loss.detach(), "losses/q_grad_norm": q_grad.norm(dim=-1).mean()}
+
+
+def cosine_decay(step: int, decay_steps: int) -> float:
+    """optax.cosine_decay_schedule's factor: 0.5 (1 + cos(pi min(step, D) / D)), reaching 0 at D and staying there."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, decay_steps) / decay_steps))
+
+
+def evaluate(envs: list[DMCEnv], denoiser, schedule, args: Args, device) -> np.ndarray:
+    """One full episode in each eval env, side by side (one batched DDPM sample per step), no exploration noise."""
+    obs = np.stack([env.reset() for env in envs])
+    returns = np.zeros(len(envs))
+    running = np.ones(len(envs), dtype=bool)
+    while running.any():
+        obs_t = torch.as_tensor(obs[running], device=device)
+        actions = ddpm_sample(denoiser, schedule, obs_t, args.ddpm_temperature, args.clip_sampler).cpu().numpy()
+        for action, i in zip(actions, np.flatnonzero(running)):
+            next_obs, reward, _, done = envs[i].step(action)
+            returns[i] += reward
+            obs[i] = next_obs
+            running[i] = not done
+    return returns
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """torch.save to a temporary file, fsync, then rename: a crash never leaves a broken checkpoint at `path`."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    problem = check_args(args)
+    if problem:
+        fail(problem)
+
+    # TRY NOT TO MODIFY: logging, seeding, devices
+    from absl import logging as absl_logging
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # dm_control's deprecation chatter
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if args.cuda else "cpu")
+
+    # environment setup: the task seeded with the run's seed, the eval tasks with others
+    env = DMCEnv(args.env_id, args.seed, args.action_repeat)
+    eval_envs = [DMCEnv(args.env_id, args.seed + 10_000 + i, args.action_repeat) for i in range(args.eval_episodes)]
+    obs_dim, action_dim = env.obs_dim, env.action_dim
+
+    critic = TwinCritic(obs_dim, action_dim, args.critic_hidden_dims).to(device)
+    critic_target = TwinCritic(obs_dim, action_dim, args.critic_hidden_dims).to(device)
+    critic_target.load_state_dict(critic.state_dict())
+    critic_target.requires_grad_(False)
+    denoiser = Denoiser(obs_dim, action_dim, args.actor_hidden_dims).to(device)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
+    actor_optimizer = torch.optim.Adam(denoiser.parameters(), lr=args.actor_lr)
+    actor_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        actor_optimizer, lambda step: cosine_decay(step, args.actor_lr_decay_steps)
+    )
+    schedule = DiffusionSchedule(args.beta_schedule, args.T, device)
+    rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, action_dim, device)
+
+    critic_step, actor_step, sample = update_critic, update_actor, ddpm_sample
+    if args.compile:
+        critic_step, actor_step, sample = torch.compile(update_critic), torch.compile(update_actor), torch.compile(
+            ddpm_sample
+        )
+
+    # TRY NOT TO MODIFY: start the game
+    obs = env.reset()
+    episode_return, episode_length, last_return = 0.0, 0, float("nan")
+    metrics: dict = {}
+    start_time, start_step = time.time(), None
+    pbar = tqdm(range(0, args.total_timesteps, args.action_repeat), unit="step", unit_scale=args.action_repeat)
+    for global_step in pbar:
+        # ALGO LOGIC: put action logic here
+        if global_step < args.learning_starts:
+            action = np.random.uniform(-1.0, 1.0, action_dim).astype(np.float32)
+        else:
+            with torch.no_grad():
+                obs_t = torch.as_tensor(obs, device=device).unsqueeze(0)
+                a = sample(denoiser, schedule, obs_t, args.ddpm_temperature, args.clip_sampler)
+                a = (a + args.exploration_noise * torch.randn_like(a)).clamp(-1.0, 1.0)  # a = DDPM(s) + N(0, 0.1^2)
+                action = a[0].cpu().numpy()
+
+        # TRY NOT TO MODIFY: execute the game and log data.
+        next_obs, reward, mask, done = env.step(action)
+        rb.add(obs, action, reward, next_obs, mask)
+        episode_return += reward
+        episode_length += args.action_repeat
+        obs = next_obs
+        if done:
+            writer.add_scalar("charts/episodic_return", episode_return, global_step)
+            writer.add_scalar("charts/episodic_length", episode_length, global_step)
+            last_return = episode_return
+            obs, episode_return, episode_length = env.reset(), 0.0, 0
+
+        # ALGO LOGIC: training (Algorithm 1: a critic step, then a score step, utd_ratio times per env step)
+        if global_step >= args.learning_starts:
+            if start_step is None:
+                start_time, start_step = time.time(), global_step
+            for _ in range(args.utd_ratio):
+                batch = rb.sample(args.batch_size)
+                metrics = critic_step(critic, critic_target, denoiser, critic_optimizer, schedule, batch, args)
+                metrics |= actor_step(denoiser, critic, actor_optimizer, schedule, batch, args)
+                actor_scheduler.step()
+
+            if (global_step // args.action_repeat) % 100 == 0:
+                sps = (global_step - start_step) / max(time.time() - start_time, 1e-9)
+                for key, value in metrics.items():
+                    writer.add_scalar(key, value.item(), global_step)
+                writer.add_scalar("charts/actor_lr", actor_optimizer.param_groups[0]["lr"], global_step)
+                writer.add_scalar("charts/SPS", sps, global_step)
+                pbar.set_postfix(sps=f"{sps:.1f}", ret=f"{last_return:.1f}", refresh=False)
+
+        if (global_step + args.action_repeat) % args.eval_interval < args.action_repeat:
+            returns = evaluate(eval_envs, denoiser, schedule, args, device)
+            writer.add_scalar("eval/episodic_return", returns.mean(), global_step + args.action_repeat)
+            writer.add_scalar("eval/episodic_return_std", returns.std(), global_step + args.action_repeat)
+            pbar.write(f"step {global_step + args.action_repeat}: eval return {returns.mean():.1f} +- {returns.std():.1f}")
+
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.pt"
+        save_checkpoint(
+            model_path,
+            {
+                "args": vars(args),
+                "critic": critic.state_dict(),
+                "critic_target": critic_target.state_dict(),
+                "denoiser": denoiser.state_dict(),
+                "critic_optimizer": critic_optimizer.state_dict(),
+                "actor_optimizer": actor_optimizer.state_dict(),
+                "actor_scheduler": actor_scheduler.state_dict(),
+                "global_step": args.total_timesteps,
+            },
+        )
+        print(f"model saved to {model_path}")
+
+    writer.close()
+    if args.track:
+        wandb.finish()
