@@ -6,6 +6,7 @@ import os
 # Set MUJOCO_GL=egl (GPU) or MUJOCO_GL=osmesa (CPU) yourself to render.
 os.environ.setdefault("MUJOCO_GL", "disable")
 
+import itertools
 import math
 import random
 import sys
@@ -191,7 +192,7 @@ class TwinCritic(nn.Module):
         dims = (obs_dim + action_dim, *hidden_dims, 1)
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
-        for in_dim, out_dim in zip(dims[:-1], dims[1:]):
+        for in_dim, out_dim in itertools.pairwise(dims):
             weight = torch.empty(num_q, in_dim, out_dim)
             for w in weight:  # Xavier-uniform per critic, as the official init
                 nn.init.xavier_uniform_(w.T)
@@ -202,7 +203,7 @@ class TwinCritic(nn.Module):
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """(B, S), (B, A) -> Q values (num_q, B)."""
         x = torch.cat([obs, actions], dim=-1).expand(len(self.weights[0]), -1, -1)
-        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
             x = torch.baddbmm(bias, x, weight)
             if i < len(self.weights) - 1:
                 x = F.relu(x)
@@ -217,11 +218,11 @@ class TwinCritic(nn.Module):
         with torch.no_grad():
             x = torch.cat([obs, actions], dim=-1).expand(len(self.weights[0]), -1, -1)
             active = []
-            for weight, bias in zip(self.weights[:-1], self.biases[:-1]):
+            for weight, bias in zip(self.weights[:-1], self.biases[:-1], strict=True):
                 x = F.relu(torch.baddbmm(bias, x, weight))
                 active.append(x > 0)
             grad = self.weights[-1].transpose(1, 2)  # dQ/dh_L: (num_q, 1, H_L)
-            for weight, mask in zip(reversed(self.weights[1:-1]), reversed(active[1:])):
+            for weight, mask in zip(reversed(self.weights[1:-1]), reversed(active[1:]), strict=True):
                 grad = torch.bmm(grad * mask, weight.transpose(1, 2))  # dQ/dh_{l-1} = (dQ/dh_l * D_l) W_l^T
             return torch.bmm(grad * active[0], self.weights[0][:, self.obs_dim :].transpose(1, 2))
 
@@ -250,7 +251,7 @@ class Denoiser(nn.Module):
             FourierFeatures(time_dim), xavier_linear(time_dim, 128), nn.Mish(), xavier_linear(128, 128)
         )
         dims = (action_dim + obs_dim + 128, *hidden_dims)
-        self.hidden = nn.ModuleList(xavier_linear(i, o) for i, o in zip(dims[:-1], dims[1:]))
+        self.hidden = nn.ModuleList(xavier_linear(i, o) for i, o in itertools.pairwise(dims))
         self.out = xavier_linear(dims[-1], action_dim)
         self.action_dim, self.obs_dim = action_dim, obs_dim
 
@@ -383,29 +384,35 @@ def td_target(
         return batch.rewards + gamma * batch.masks * next_q, next_actions
 
 
+def qsm_target(critic: TwinCritic, obs: torch.Tensor, noisy_actions: torch.Tensor, M_q: float) -> torch.Tensor:
+    """-M_q * grad_a Q(s, a_t), grad_a Q the mean of the twin critics' action gradients: (B, A)."""
+    return -M_q * critic.action_grad(obs, noisy_actions).mean(dim=0)
+
+
 def qsm_loss(
     denoiser: Denoiser, critic: TwinCritic, schedule: DiffusionSchedule, batch: Batch, M_q: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Q-score matching loss on replay actions: mean (eps_theta(s, a_t, t) - (-M_q grad_a Q(s, a_t)))^2.
 
-    Returns (loss, q_grad). The denoiser predicts noise and the reverse step subtracts it, so matching -M_q grad_a Q
+    Returns (loss, target). The denoiser predicts noise and the reverse step subtracts it, so matching -M_q grad_a Q
     makes every denoising step climb Q. Only the denoiser is differentiated, never the sampling chain."""
-    B, A = batch.actions.shape
+    B = batch.actions.shape[0]
     t = torch.randint(0, schedule.T, (B,), device=batch.actions.device)  # t ~ U{0..T-1}
     noise = torch.randn_like(batch.actions)  # eps ~ N(0, I)
     alpha_bar = schedule.alpha_bars_t[t].unsqueeze(-1)
     noisy_actions = alpha_bar.sqrt() * batch.actions + (1.0 - alpha_bar).sqrt() * noise  # a_t, (B, A)
-    q_grad = critic.action_grad(batch.obs, noisy_actions).mean(dim=0)  # mean_i grad_a Q_i(s, a_t), (B, A)
+    target = qsm_target(critic, batch.obs, noisy_actions, M_q)  # -M_q * grad_a Q(s, a_t), (B, A)
     eps_pred = denoiser(batch.obs, noisy_actions, t)  # (B, A)
-    loss = (eps_pred - (-M_q * q_grad)).pow(2).mean()  # eps_theta(s, a_t, t) -> -M_q * grad_a Q(s, a_t)
-    return loss, q_grad
+    loss = (eps_pred - target).pow(2).mean()  # eps_theta(s, a_t, t) -> -M_q * grad_a Q(s, a_t)
+    return loss, target
 
 
 def update_critic(critic, critic_target, denoiser, critic_optimizer, schedule, batch: Batch, args: Args) -> dict:
     """One TD step on both critics, then the Polyak step of the targets. Returns detached metrics (no syncs)."""
     y, next_actions = td_target(
-        critic_target, denoiser, schedule, batch, args.gamma, args.target_noise, args.ddpm_temperature, args.clip_sampler
-    )
+        critic_target, denoiser, schedule, batch, args.gamma, args.target_noise, args.ddpm_temperature,
+        args.clip_sampler,
+    )  # fmt: skip
     q = critic(batch.obs, batch.actions)  # (2, B)
     qf_losses = (q - y).pow(2).mean(dim=1)  # per critic MSE
     critic_optimizer.zero_grad(set_to_none=True)
@@ -426,11 +433,12 @@ def update_critic(critic, critic_target, denoiser, critic_optimizer, schedule, b
 
 def update_actor(denoiser, critic, actor_optimizer, schedule, batch: Batch, args: Args) -> dict:
     """One QSM step on the denoiser against the current critics."""
-    loss, q_grad = qsm_loss(denoiser, critic, schedule, batch, args.M_q)
+    loss, target = qsm_loss(denoiser, critic, schedule, batch, args.M_q)
     actor_optimizer.zero_grad(set_to_none=True)
     loss.backward()
     actor_optimizer.step()
-    return {"losses/actor_loss": loss.detach(), "losses/q_grad_norm": q_grad.norm(dim=-1).mean()}
+    # |grad_a Q| per sample: if it collapses to ~0 or explodes, the score target does too
+    return {"losses/actor_loss": loss.detach(), "losses/q_grad_norm": target.norm(dim=-1).mean() / args.M_q}
 
 
 def cosine_decay(step: int, decay_steps: int) -> float:
@@ -446,7 +454,7 @@ def evaluate(envs: list[DMCEnv], denoiser, schedule, args: Args, device) -> np.n
     while running.any():
         obs_t = torch.as_tensor(obs[running], device=device)
         actions = ddpm_sample(denoiser, schedule, obs_t, args.ddpm_temperature, args.clip_sampler).cpu().numpy()
-        for action, i in zip(actions, np.flatnonzero(running)):
+        for action, i in zip(actions, np.flatnonzero(running), strict=True):
             next_obs, reward, _, done = envs[i].step(action)
             returns[i] += reward
             obs[i] = next_obs
@@ -496,7 +504,7 @@ if __name__ == "__main__":
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text(
         "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+        "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
     )
 
     random.seed(args.seed)
@@ -525,9 +533,7 @@ if __name__ == "__main__":
 
     critic_step, actor_step, sample = update_critic, update_actor, ddpm_sample
     if args.compile:
-        critic_step, actor_step, sample = torch.compile(update_critic), torch.compile(update_actor), torch.compile(
-            ddpm_sample
-        )
+        critic_step, actor_step, sample = map(torch.compile, (update_critic, update_actor, ddpm_sample))
 
     # TRY NOT TO MODIFY: start the game
     obs = env.reset()
@@ -569,18 +575,22 @@ if __name__ == "__main__":
                 actor_scheduler.step()
 
             if (global_step // args.action_repeat) % 100 == 0:
-                sps = (global_step - start_step) / max(time.time() - start_time, 1e-9)
                 for key, value in metrics.items():
                     writer.add_scalar(key, value.item(), global_step)
                 writer.add_scalar("charts/actor_lr", actor_optimizer.param_groups[0]["lr"], global_step)
-                writer.add_scalar("charts/SPS", sps, global_step)
-                pbar.set_postfix(sps=f"{sps:.1f}", ret=f"{last_return:.1f}", refresh=False)
+                if global_step > start_step:
+                    sps = (global_step - start_step) / (time.time() - start_time)
+                    writer.add_scalar("charts/SPS", sps, global_step)
+                    pbar.set_postfix(sps=f"{sps:.1f}", ret=f"{last_return:.1f}", refresh=False)
 
         if (global_step + args.action_repeat) % args.eval_interval < args.action_repeat:
+            eval_start = time.time()
             returns = evaluate(eval_envs, denoiser, schedule, args, device)
-            writer.add_scalar("eval/episodic_return", returns.mean(), global_step + args.action_repeat)
-            writer.add_scalar("eval/episodic_return_std", returns.std(), global_step + args.action_repeat)
-            pbar.write(f"step {global_step + args.action_repeat}: eval return {returns.mean():.1f} +- {returns.std():.1f}")
+            start_time += time.time() - eval_start  # SPS counts training steps/s, not evaluation time
+            steps_done = global_step + args.action_repeat
+            writer.add_scalar("eval/episodic_return", returns.mean(), steps_done)
+            writer.add_scalar("eval/episodic_return_std", returns.std(), steps_done)
+            pbar.write(f"step {steps_done}: eval return {returns.mean():.1f} +- {returns.std():.1f}")
 
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.pt"

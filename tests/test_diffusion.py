@@ -1,0 +1,114 @@
+"""The noise schedules, the denoiser and the DDPM sampler, checked against hand computations."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+def test_vp_schedule_matches_the_papers_values(qsm):
+    betas = qsm.beta_schedule("vp", 5)
+    np.testing.assert_allclose(betas, [0.1959, 0.4588, 0.6358, 0.7549, 0.8350], atol=1e-4)
+    schedule = qsm.DiffusionSchedule("vp", 5)
+    np.testing.assert_allclose(schedule.alpha_bars, [0.8041, 0.4352, 0.1585, 0.0389, 0.0064], atol=1e-4)
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 20])
+def test_vp_schedule_matches_its_formula(qsm, T):
+    for t in range(1, T + 1):  # beta_t = 1 - exp(-b_min/T - 0.5 (b_max - b_min)(2t - 1)/T^2)
+        expected = 1 - math.exp(-0.1 / T - 0.5 * (10.0 - 0.1) * (2 * t - 1) / T**2)
+        assert qsm.beta_schedule("vp", T)[t - 1] == pytest.approx(expected, rel=1e-12)
+
+
+def test_cosine_and_linear_schedules(qsm):
+    T, s = 5, 0.008
+    f = [math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2 for t in range(T + 1)]
+    schedule = qsm.DiffusionSchedule("cosine", T)
+    # alpha_bar_t = f(t) / f(0) when no beta hits the 0.999 clip
+    np.testing.assert_allclose(schedule.alpha_bars[:-1], [f[t] / f[0] for t in range(1, T)], rtol=1e-10)
+    assert schedule.betas[-1] == pytest.approx(0.999)  # the last step is clipped
+    np.testing.assert_allclose(qsm.beta_schedule("linear", 3), [1e-4, 0.01005, 2e-2])
+
+
+def test_schedule_tensor_matches_the_float64_values(qsm):
+    schedule = qsm.DiffusionSchedule("vp", 5)
+    np.testing.assert_allclose(schedule.alpha_bars_t.numpy(), schedule.alpha_bars, rtol=1e-6)
+    np.testing.assert_allclose(schedule.alphas, 1 - schedule.betas)
+    np.testing.assert_allclose(schedule.alpha_bars, np.cumprod(schedule.alphas))
+
+
+def test_unknown_schedule_is_refused(qsm):
+    with pytest.raises(ValueError, match="--beta-schedule 'sigmoid' is unknown; use one of: vp, cosine, linear"):
+        qsm.beta_schedule("sigmoid", 5)
+
+
+def test_denoiser_split_first_layer_equals_the_plain_mlp(qsm):
+    """head(state_part, time_part) must be exactly MLP(concat(a_t, s, cond(t)))."""
+    torch.manual_seed(0)
+    S, A, B = 7, 3, 11
+    den = qsm.Denoiser(S, A, (32, 16))
+    obs, actions, t = torch.randn(B, S), torch.randn(B, A), torch.randint(0, 5, (B,))
+    cond = den.time_features(t.float().unsqueeze(-1))
+    x = torch.cat([actions, obs, cond], dim=-1)
+    for layer in den.hidden:
+        x = F.mish(layer(x))
+    torch.testing.assert_close(den(obs, actions, t), den.out(x))
+
+
+def test_fourier_features_formula(qsm):
+    torch.manual_seed(0)
+    ff = qsm.FourierFeatures(8)
+    t = torch.tensor([[0.0], [3.0]])
+    f = 2 * math.pi * t * ff.kernel[:, 0]
+    torch.testing.assert_close(ff(t), torch.cat([torch.cos(f), torch.sin(f)], dim=-1))
+    assert ff(t)[0, :4].eq(1).all() and ff(t)[0, 4:].eq(0).all()  # t = 0: cos 0 = 1, sin 0 = 0
+
+
+@pytest.fixture()
+def denoiser(qsm):
+    torch.manual_seed(0)
+    return qsm.Denoiser(5, 3, (32, 32))
+
+
+def test_sampler_shape_range_and_seed(qsm, denoiser):
+    schedule = qsm.DiffusionSchedule("vp", 5)
+    obs = torch.randn(64, 5) * 3
+    torch.manual_seed(1)
+    a1 = qsm.ddpm_sample(denoiser, schedule, obs)
+    torch.manual_seed(1)
+    a2 = qsm.ddpm_sample(denoiser, schedule, obs)
+    a3 = qsm.ddpm_sample(denoiser, schedule, obs)
+    assert a1.shape == (64, 3) and a1.dtype == torch.float32
+    assert a1.min() >= -1 and a1.max() <= 1
+    assert torch.equal(a1, a2)  # same seed, same actions
+    assert not torch.equal(a1, a3)  # the generator moved on
+    assert not a1.requires_grad
+
+
+def test_sampler_at_temperature_zero_is_the_hand_written_chain(qsm, denoiser):
+    schedule = qsm.DiffusionSchedule("vp", 5)
+    obs, x_T = torch.randn(16, 5), torch.randn(16, 3)
+    got = qsm.ddpm_sample(denoiser, schedule, obs, temperature=0.0, x_T=x_T)
+    # a different RNG state must not matter at temperature 0
+    torch.manual_seed(123)
+    again = qsm.ddpm_sample(denoiser, schedule, obs, temperature=0.0, x_T=x_T)
+    assert torch.equal(got, again)
+    x = x_T.double()
+    with torch.no_grad():
+        for t in [4, 3, 2, 1, 0]:
+            a, ab = schedule.alphas[t], schedule.alpha_bars[t]
+            eps = denoiser(obs, x.float(), torch.full((16,), t)).double()
+            x = ((x - (1 - a) / math.sqrt(1 - ab) * eps) / math.sqrt(a)).clamp(-1, 1)
+    torch.testing.assert_close(got, x.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_without_clipping_can_leave_the_box_only_before_the_last_clip(qsm, denoiser):
+    """clip_sampler=False skips the per-step clip; the returned action is still clipped once at the end."""
+    schedule = qsm.DiffusionSchedule("vp", 5)
+    obs, x_T = torch.randn(256, 5), 4 * torch.randn(256, 3)
+    clipped = qsm.ddpm_sample(denoiser, schedule, obs, temperature=0.0, clip=True, x_T=x_T)
+    free = qsm.ddpm_sample(denoiser, schedule, obs, temperature=0.0, clip=False, x_T=x_T)
+    assert free.abs().max() <= 1
+    assert not torch.equal(clipped, free)

@@ -1,0 +1,186 @@
+"""The critic's action gradient, the QSM target and loss, the TD target and the two updates."""
+
+import copy
+
+import pytest
+import torch
+
+
+class QuadraticCritic:
+    """Hand-made twin critic with a known gradient: Q_1 = -0.5 |a - a*(s)|^2, Q_2 = -1.5 |a - a*(s)|^2.
+
+    mean_i grad_a Q_i = -2 (a - a*(s)), so the QSM target is 2 M_q (a - a*(s))."""
+
+    def __init__(self, obs_dim, action_dim, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.M = torch.randn(obs_dim, action_dim, generator=g)
+
+    def best_action(self, obs):
+        return 0.6 * torch.tanh(obs @ self.M)  # inside the action box
+
+    def __call__(self, obs, actions):
+        sq = (actions - self.best_action(obs)).pow(2).sum(-1)
+        return torch.stack([-0.5 * sq, -1.5 * sq])
+
+    def action_grad(self, obs, actions):
+        d = actions - self.best_action(obs)
+        return torch.stack([-d, -3 * d])
+
+
+@pytest.mark.parametrize("hidden", [(16,), (32, 32), (16, 8, 4)])
+def test_action_grad_equals_autograd(qsm, hidden):
+    torch.manual_seed(0)
+    critic = qsm.TwinCritic(5, 3, hidden).double()
+    obs = torch.randn(40, 5, dtype=torch.float64)
+    actions = torch.randn(40, 3, dtype=torch.float64, requires_grad=True)
+    q = critic(obs, actions)
+    expected = torch.stack([torch.autograd.grad(q[i].sum(), actions, retain_graph=True)[0] for i in range(2)])
+    got = critic.action_grad(obs, actions.detach())
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert not got.requires_grad  # no gradient may reach the critic from the score update
+
+
+def test_action_grad_of_a_hand_built_linear_critic(qsm):
+    """One hidden unit that is always active: Q_i(s, a) = w2_i * (v_i . [s, a] + 10), so grad_a Q_i = w2_i v_i[a]."""
+    critic = qsm.TwinCritic(2, 2, (1,))
+    v = torch.tensor([[0.1, -0.2, 0.3, -0.4], [0.5, 0.6, -0.7, 0.8]])
+    w2 = torch.tensor([2.0, -3.0])
+    with torch.no_grad():
+        critic.weights[0].copy_(v.unsqueeze(-1))
+        critic.biases[0].fill_(10.0)
+        critic.weights[1].copy_(w2.view(2, 1, 1))
+        critic.biases[1].zero_()
+    obs, actions = torch.rand(4, 2), torch.rand(4, 2)
+    grad = critic.action_grad(obs, actions)
+    torch.testing.assert_close(grad[0], torch.tensor([[0.6, -0.8]]).expand(4, 2))
+    torch.testing.assert_close(grad[1], torch.tensor([[2.1, -2.4]]).expand(4, 2))
+    q = critic(obs, actions)
+    torch.testing.assert_close(q[0], 2.0 * (torch.cat([obs, actions], -1) @ v[0] + 10))
+
+
+def test_qsm_target_is_minus_M_q_times_grad_Q(qsm):
+    critic = QuadraticCritic(4, 2)
+    obs, noisy_actions = torch.randn(8, 4), torch.randn(8, 2)
+    target = qsm.qsm_target(critic, obs, noisy_actions, M_q=50.0)
+    torch.testing.assert_close(target, 100.0 * (noisy_actions - critic.best_action(obs)), rtol=0, atol=1e-5)
+
+
+def test_qsm_loss_uses_the_forward_diffusion_of_replay_actions(qsm):
+    """Replays the loss's random draws (t, then eps) and recomputes it by hand."""
+    torch.manual_seed(0)
+    S, A, B = 4, 2, 32
+    den, critic, schedule = qsm.Denoiser(S, A, (16,)), QuadraticCritic(S, A), qsm.DiffusionSchedule("vp", 5)
+    batch = qsm.Batch(torch.randn(B, S), torch.rand(B, A) * 2 - 1, torch.zeros(B), torch.randn(B, S), torch.ones(B))
+    torch.manual_seed(7)
+    loss, _ = qsm.qsm_loss(den, critic, schedule, batch, M_q=3.0)
+    torch.manual_seed(7)
+    t = torch.randint(0, 5, (B,))
+    eps = torch.randn(B, A)
+    ab = torch.tensor(schedule.alpha_bars, dtype=torch.float32)[t].unsqueeze(-1)
+    a_t = ab.sqrt() * batch.actions + (1 - ab).sqrt() * eps
+    expected = ((den(batch.obs, a_t, t) - 6.0 * (a_t - critic.best_action(batch.obs))) ** 2).mean()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()  # only the denoiser is differentiated
+    assert all(p.grad is not None for p in den.parameters())
+
+
+def test_score_updates_move_sampled_actions_to_the_best_action(qsm):
+    """A few hundred QSM steps against a fixed critic with a known argmax a*(s) pull the DDPM samples onto a*.
+
+    M_q = 1 here: with this critic, eps = 2 (a_t - a*) makes the T = 5 VP chain contract onto a*. (At M_q = 50 one
+    reverse step overshoots to the clip: the bang-bang saturation of QSM policies.) A wrong sign pushes the samples
+    away from a*, so this test also pins the sign of the target."""
+    torch.manual_seed(0)
+    S, A, B = 4, 2, 256
+    critic = QuadraticCritic(S, A)
+    den, schedule = qsm.Denoiser(S, A, (64, 64)), qsm.DiffusionSchedule("vp", 5)
+    opt = torch.optim.Adam(den.parameters(), lr=3e-3)
+    obs_test = torch.randn(512, S)
+
+    def distance():
+        return (qsm.ddpm_sample(den, schedule, obs_test) - critic.best_action(obs_test)).norm(dim=-1).mean()
+
+    before = distance()
+    for _ in range(400):
+        obs = torch.randn(B, S)
+        batch = qsm.Batch(obs, torch.rand(B, A) * 2 - 1, torch.zeros(B), obs, torch.ones(B))
+        loss, _ = qsm.qsm_loss(den, critic, schedule, batch, M_q=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = distance()
+    assert before > 1.0
+    assert after < before / 5, (before, after)
+
+
+class ConstantCritic:
+    """Q_1(s', a') = sum(s'), Q_2(s', a') = 2 sum(s') - 1; records the actions it was asked about."""
+
+    def __call__(self, obs, actions):
+        self.actions = actions
+        return torch.stack([obs.sum(-1), 2 * obs.sum(-1) - 1])
+
+
+def test_td_target_on_a_hand_computed_batch(qsm):
+    torch.manual_seed(0)
+    den, schedule = qsm.Denoiser(2, 3, (8,)), qsm.DiffusionSchedule("vp", 5)
+    next_obs = torch.tensor([[1.0, 2.0], [0.5, -1.0], [0.2, 0.3]])  # min(Q1, Q2) = [3, -2, 0]
+    batch = qsm.Batch(
+        obs=torch.zeros(3, 2),
+        actions=torch.zeros(3, 3),
+        rewards=torch.tensor([1.0, 2.0, -1.0]),
+        next_obs=next_obs,
+        masks=torch.tensor([1.0, 1.0, 0.0]),
+    )
+    critic = ConstantCritic()
+    y, next_actions = qsm.td_target(critic, den, schedule, batch, gamma=0.9, target_noise=0.5)
+    torch.testing.assert_close(y, torch.tensor([1.0 + 0.9 * 3.0, 2.0 + 0.9 * -2.0, -1.0]))  # mask 0: y = r
+    assert next_actions.shape == (3, 3)
+    noisy = critic.actions  # a' = clip(DDPM(s') + N(0, 0.5^2))
+    assert noisy.abs().max() <= 1 and not torch.equal(noisy, next_actions)
+
+
+def _nets(qsm, S=3, A=2):
+    torch.manual_seed(0)
+    critic = qsm.TwinCritic(S, A, (16, 16))
+    target = copy.deepcopy(critic).requires_grad_(False)
+    den = qsm.Denoiser(S, A, (16, 16))
+    return critic, target, den
+
+
+def test_update_critic_steps_the_critics_and_polyaks_the_targets(qsm):
+    S, A, B = 3, 2, 32
+    critic, target, den = _nets(qsm, S, A)
+    args = qsm.Args(tau=0.1)
+    opt = torch.optim.Adam(critic.parameters(), lr=1e-3)
+    batch = qsm.Batch(torch.randn(B, S), torch.rand(B, A), torch.randn(B), torch.randn(B, S), torch.ones(B))
+    before = [p.detach().clone() for p in critic.parameters()]
+    den_before = [p.detach().clone() for p in den.parameters()]
+    metrics = qsm.update_critic(critic, target, den, opt, qsm.DiffusionSchedule("vp", 5), batch, args)
+    for p0, p1, pt in zip(before, critic.parameters(), target.parameters(), strict=True):
+        assert not torch.equal(p0, p1)  # the critics moved
+        torch.testing.assert_close(pt, 0.9 * p0 + 0.1 * p1)  # theta_targ <- 0.9 theta_targ + 0.1 theta
+    assert all(torch.equal(p0, p1) for p0, p1 in zip(den_before, den.parameters(), strict=True))
+    assert {"losses/qf1_loss", "losses/qf2_loss", "losses/qf1_values", "charts/action_saturation"} <= set(metrics)
+    assert all(torch.isfinite(v) for v in metrics.values())
+
+
+def test_update_actor_steps_only_the_denoiser(qsm):
+    S, A, B = 3, 2, 32
+    critic, _, den = _nets(qsm, S, A)
+    opt = torch.optim.Adam(den.parameters(), lr=1e-3)
+    batch = qsm.Batch(torch.randn(B, S), torch.rand(B, A), torch.randn(B), torch.randn(B, S), torch.ones(B))
+    critic_before = [p.detach().clone() for p in critic.parameters()]
+    den_before = [p.detach().clone() for p in den.parameters()]
+    metrics = qsm.update_actor(den, critic, opt, qsm.DiffusionSchedule("vp", 5), batch, qsm.Args())
+    assert all(torch.equal(p0, p1) for p0, p1 in zip(critic_before, critic.parameters(), strict=True))
+    assert all(p.grad is None for p in critic.parameters())
+    assert any(not torch.equal(p0, p1) for p0, p1 in zip(den_before, den.parameters(), strict=True))
+    assert metrics["losses/actor_loss"] > 0 and metrics["losses/q_grad_norm"] > 0
+
+
+def test_cosine_decay_matches_optax(qsm):
+    assert qsm.cosine_decay(0, 100) == 1.0
+    assert qsm.cosine_decay(50, 100) == pytest.approx(0.5)
+    assert qsm.cosine_decay(100, 100) == pytest.approx(0.0)
+    assert qsm.cosine_decay(250, 100) == pytest.approx(0.0)  # stays at 0, no restart

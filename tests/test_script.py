@@ -1,0 +1,160 @@
+"""The script as a user runs it: end to end in a subprocess, seeding, bad input and --help."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "qsm_continuous.py"
+SMALL = ["--critic-hidden-dims", "64", "64", "--actor-hidden-dims", "64", "64"]
+
+
+def run_script(args, cwd, timeout=900):
+    # one thread: these runs use small networks, and two runs never fight over the cores
+    env = {**os.environ, "MUJOCO_GL": "disable", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def only_run_dir(cwd):
+    (run_dir,) = (Path(cwd) / "runs").iterdir()
+    return run_dir
+
+
+def read_scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """cheetah-run for 2,000 steps, updates from step 500 on, two evaluations, then --save-model."""
+    cwd = tmp_path_factory.mktemp("e2e")
+    args = ["--env-id", "cheetah-run", "--total-timesteps", "2000", "--learning-starts", "500"]
+    args += ["--eval-interval", "1000", "--eval-episodes", "2", "--save-model", *SMALL]
+    result = run_script(args, cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run_dir(cwd)
+    return result, run_dir, read_scalars(run_dir)
+
+
+def test_end_to_end_logs_finite_losses_and_eval_returns(trained):
+    _, _, scalars = trained
+    for tag in ["losses/qf1_loss", "losses/qf2_loss", "losses/qf1_values", "losses/actor_loss", "losses/q_grad_norm"]:
+        steps = [step for step, _ in scalars[tag]]
+        assert steps[0] >= 500 and len(steps) == 15, (tag, steps)  # every 100 steps of the learning phase
+        assert all(math.isfinite(v) for _, v in scalars[tag]), tag
+    qf1 = [v for _, v in scalars["losses/qf1_loss"]]
+    assert len(set(qf1)) > 1  # the critic loss changes: updates happen
+    assert [step for step, _ in scalars["eval/episodic_return"]] == [1000, 2000]
+    assert all(0 <= v <= 1000 for _, v in scalars["eval/episodic_return"])
+    assert [step for step, _ in scalars["charts/episodic_return"]] == [999, 1999]
+    assert all(v == 1000 for _, v in scalars["charts/episodic_length"])
+    assert all(0 <= v <= 1 for _, v in scalars["charts/action_saturation"])
+    lrs = [v for _, v in scalars["charts/actor_lr"]]
+    assert lrs[0] <= 3e-4 * (1 + 1e-6) and lrs == sorted(lrs, reverse=True) and lrs[-1] < lrs[0]  # cosine decay
+    assert len(scalars["charts/SPS"]) == 14 and all(v > 0 for _, v in scalars["charts/SPS"])
+
+
+def test_saved_model_loads_and_acts(trained, qsm):
+    result, run_dir, _ = trained
+    path = run_dir / "qsm_continuous.pt"
+    assert f"model saved to runs/{run_dir.name}/qsm_continuous.pt" in result.stdout
+    assert not list(run_dir.glob("*.tmp"))
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["args"]["env_id"] == "cheetah-run" and ckpt["global_step"] == 2000
+    # exactly one critic step and one score step per environment step after learning_starts
+    assert ckpt["critic_optimizer"]["state"][0]["step"] == 1500
+    assert ckpt["actor_optimizer"]["state"][0]["step"] == 1500
+    den = qsm.Denoiser(17, 6, (64, 64))
+    den.load_state_dict(ckpt["denoiser"])
+    critic = qsm.TwinCritic(17, 6, (64, 64))
+    critic.load_state_dict(ckpt["critic"])
+    obs = torch.as_tensor(qsm.DMCEnv("cheetah-run", seed=0).reset()).unsqueeze(0)
+    action = qsm.ddpm_sample(den, qsm.DiffusionSchedule("vp", 5), obs)
+    assert action.shape == (1, 6) and action.abs().max() <= 1
+    assert torch.isfinite(critic(obs, action)).all()
+
+
+def _loss_curves(cwd, seed, extra=()):
+    args = ["--env-id", "cartpole-swingup", "--total-timesteps", "1000", "--learning-starts", "500", "--seed", seed]
+    args += ["--eval-interval", "1000", "--eval-episodes", "1", *SMALL, *extra]
+    result = run_script(args, cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scalars = read_scalars(only_run_dir(cwd))
+    return {tag: values for tag, values in scalars.items() if tag != "charts/SPS"}  # SPS is wall time
+
+
+def test_same_seed_logs_identical_values(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir(), (tmp_path / "c").mkdir()
+    first = _loss_curves(tmp_path / "a", "3")
+    second = _loss_curves(tmp_path / "b", "3")
+    other = _loss_curves(tmp_path / "c", "4")
+    assert "losses/qf1_loss" in first and "eval/episodic_return" in first
+    assert first == second
+    assert first["losses/qf1_loss"] != other["losses/qf1_loss"]
+
+
+def test_utd_ratio_performs_that_many_updates(tmp_path):
+    args = ["--env-id", "cartpole-balance", "--total-timesteps", "700", "--learning-starts", "600", "--utd-ratio", "3"]
+    result = run_script([*args, "--eval-interval", "100000", "--save-model", *SMALL], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = torch.load(next(only_run_dir(tmp_path).glob("*.pt")), weights_only=True)
+    assert ckpt["critic_optimizer"]["state"][0]["step"] == 300
+    assert ckpt["actor_optimizer"]["state"][0]["step"] == 300
+
+
+def test_action_repeat_counts_environment_steps(tmp_path):
+    args = ["--env-id", "cartpole-balance", "--total-timesteps", "2000", "--learning-starts", "1800"]
+    args += ["--action-repeat", "4", "--eval-interval", "1000", "--eval-episodes", "1", *SMALL]
+    result = run_script(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scalars = read_scalars(only_run_dir(tmp_path))
+    assert [step for step, _ in scalars["charts/episodic_length"]] == [996, 1996]
+    assert all(v == 1000 for _, v in scalars["charts/episodic_length"])
+    assert [step for step, _ in scalars["eval/episodic_return"]] == [1000, 2000]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--env-id", "cheetah_run"], "--env-id 'cheetah_run' is not a dm_control task; valid ids: acrobot-swingup"),
+        (["--beta-schedule", "sigmoid"], "--beta-schedule 'sigmoid' is unknown; use one of: vp, cosine, linear"),
+        (["--T", "0"], "--T must be positive, got 0"),
+        (["--batch-size", "512", "--buffer-size", "100"], "--batch-size 512 exceeds --buffer-size 100"),
+        (["--M-q", "-1"], "--M-q must be positive, got -1.0"),
+        (["--critic-hidden-dims"], "--critic-hidden-dims needs one or more positive sizes"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, args, expected):
+    result = run_script(args, tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {expected}")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_cuda_request_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = run_script(["--cuda"], tmp_path, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("error: --cuda was given but torch sees no CUDA")
+
+
+def test_help_documents_every_flag(qsm, tmp_path):
+    import dataclasses
+
+    result = run_script(["--help"], tmp_path, timeout=120)
+    assert result.returncode == 0
+    for field in dataclasses.fields(qsm.Args):
+        assert f"--{field.name.replace('_', '-')}" in result.stdout, field.name
+    assert "the QSM scale alpha" in result.stdout and "diffusion steps" in result.stdout
