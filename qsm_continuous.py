@@ -311,12 +311,15 @@ class DiffusionSchedule:
 
     def __init__(self, name: str, T: int, device: torch.device | str = "cpu"):
         self.T = T
-        self.betas = beta_schedule(name, T)
-        self.alphas = 1.0 - self.betas
-        self.alpha_bars = np.cumprod(self.alphas)
-        # The sampler reads the coefficients as Python floats (constants under torch.compile, no device reads);
-        # the score update indexes alpha_bar with a random step per sample, so it also lives on the device.
-        self.alpha_bars_t = torch.tensor(self.alpha_bars, dtype=torch.float32, device=device)
+        betas = beta_schedule(name, T)
+        alpha_bars = np.cumprod(1.0 - betas)
+        # The sampler reads the coefficients as Python floats: constants under torch.compile (NumPy values would be
+        # traced as tensors) and no device reads. The score update indexes alpha_bar with a random step per sample,
+        # so alpha_bar also lives on the device.
+        self.betas = tuple(float(b) for b in betas)
+        self.alphas = tuple(float(1.0 - b) for b in betas)
+        self.alpha_bars = tuple(float(ab) for ab in alpha_bars)
+        self.alpha_bars_t = torch.tensor(alpha_bars, dtype=torch.float32, device=device)
 
 
 def ddpm_sample(
@@ -422,20 +425,15 @@ def qsm_loss(
     return loss, target
 
 
-def update_critic(critic, critic_target, denoiser, critic_optimizer, schedule, batch: Batch, args: Args) -> dict:
-    """One TD step on both critics, then the Polyak step of the targets. Returns detached metrics (no syncs)."""
+def critic_loss(critic, critic_target, denoiser, schedule, batch: Batch, args: Args) -> tuple[torch.Tensor, dict]:
+    """TD loss of both critics: the official code's mean over critics and batch. Returns (loss, detached metrics)."""
     y, next_actions = td_target(
         critic_target, denoiser, schedule, batch, args.gamma, args.target_noise, args.ddpm_temperature,
         args.clip_sampler,
     )  # fmt: skip
     q = critic(batch.obs, batch.actions)  # (2, B)
-    qf_losses = (q - y).pow(2).mean(dim=1)  # per critic MSE
-    critic_optimizer.zero_grad(set_to_none=True)
-    qf_losses.mean().backward()  # as the official code: the mean over both critics and the batch
-    critic_optimizer.step()
-    with torch.no_grad():  # theta_targ <- (1 - tau) theta_targ + tau theta
-        torch._foreach_lerp_(list(critic_target.parameters()), list(critic.parameters()), args.tau)
-    return {
+    qf_losses = (q - y).pow(2).mean(dim=1)  # per critic MSE, (2,)
+    metrics = {
         "losses/qf1_loss": qf_losses[0].detach(),
         "losses/qf2_loss": qf_losses[1].detach(),
         "losses/qf1_values": q[0].mean().detach(),
@@ -444,10 +442,22 @@ def update_critic(critic, critic_target, denoiser, critic_optimizer, schedule, b
         # share of sampled action components at +-1: QSM with a clip every step tends to bang-bang policies
         "charts/action_saturation": (next_actions.abs() >= 1.0).float().mean(),
     }
+    return qf_losses.mean(), metrics
+
+
+def update_critic(critic, critic_target, denoiser, critic_optimizer, schedule, batch: Batch, args: Args) -> dict:
+    """One TD step on both critics, then the Polyak step of the targets. Returns detached metrics (no syncs)."""
+    loss, metrics = critic_loss(critic, critic_target, denoiser, schedule, batch, args)
+    critic_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    critic_optimizer.step()
+    with torch.no_grad():  # theta_targ <- (1 - tau) theta_targ + tau theta
+        torch._foreach_lerp_(list(critic_target.parameters()), list(critic.parameters()), args.tau)
+    return metrics
 
 
 def update_actor(denoiser, critic, actor_optimizer, schedule, batch: Batch, args: Args) -> dict:
-    """One QSM step on the denoiser against the current critics."""
+    """One QSM step on the denoiser against the current critics. Returns detached metrics (no syncs)."""
     loss, target = qsm_loss(denoiser, critic, schedule, batch, args.M_q)
     actor_optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -547,9 +557,11 @@ if __name__ == "__main__":
     schedule = DiffusionSchedule(args.beta_schedule, args.T, device)
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, action_dim, device)
 
-    critic_step, actor_step, sample = update_critic, update_actor, ddpm_sample
     if args.compile:
-        critic_step, actor_step, sample = map(torch.compile, (update_critic, update_actor, ddpm_sample))
+        # Rebinds the module's names, so the updates, acting and evaluation all call the compiled versions. Only the
+        # losses (forward and backward graphs) and the sampler: zero_grad, backward and the optimiser step would
+        # break the graph, and the fused Adam step is a single kernel already.
+        critic_loss, qsm_loss, ddpm_sample = map(torch.compile, (critic_loss, qsm_loss, ddpm_sample))
 
     # TRY NOT TO MODIFY: start the game
     obs = env.reset()
@@ -564,7 +576,7 @@ if __name__ == "__main__":
         else:
             with torch.no_grad():
                 obs_t = torch.as_tensor(obs, device=device).unsqueeze(0)
-                a = sample(denoiser, schedule, obs_t, args.ddpm_temperature, args.clip_sampler)
+                a = ddpm_sample(denoiser, schedule, obs_t, args.ddpm_temperature, args.clip_sampler)
                 a = (a + args.exploration_noise * torch.randn_like(a)).clamp(-1.0, 1.0)  # a = DDPM(s) + N(0, 0.1^2)
                 action = a[0].cpu().numpy()
 
@@ -586,8 +598,8 @@ if __name__ == "__main__":
                 start_time, start_step = time.time(), global_step
             for _ in range(args.utd_ratio):
                 batch = rb.sample(args.batch_size)
-                metrics = critic_step(critic, critic_target, denoiser, critic_optimizer, schedule, batch, args)
-                metrics |= actor_step(denoiser, critic, actor_optimizer, schedule, batch, args)
+                metrics = update_critic(critic, critic_target, denoiser, critic_optimizer, schedule, batch, args)
+                metrics |= update_actor(denoiser, critic, actor_optimizer, schedule, batch, args)
                 actor_scheduler.step()
 
             if (global_step // args.action_repeat) % 100 == 0:

@@ -35,7 +35,7 @@ def test_cosine_and_linear_schedules(qsm):
 def test_schedule_tensor_matches_the_float64_values(qsm):
     schedule = qsm.DiffusionSchedule("vp", 5)
     np.testing.assert_allclose(schedule.alpha_bars_t.numpy(), schedule.alpha_bars, rtol=1e-6)
-    np.testing.assert_allclose(schedule.alphas, 1 - schedule.betas)
+    np.testing.assert_allclose(schedule.alphas, 1 - np.array(schedule.betas))
     np.testing.assert_allclose(schedule.alpha_bars, np.cumprod(schedule.alphas))
 
 

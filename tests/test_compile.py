@@ -1,0 +1,70 @@
+"""--compile must change the parameters exactly as eager does (within float rounding), not just run fast."""
+
+import copy
+
+import pytest
+import torch
+
+
+def _agent(qsm, S=5, A=2):
+    torch.manual_seed(0)
+    critic = qsm.TwinCritic(S, A, (64, 64))
+    target = copy.deepcopy(critic).requires_grad_(False)
+    den = qsm.Denoiser(S, A, (64, 64))
+    copt = torch.optim.Adam(critic.parameters(), lr=1e-3, fused=True)
+    aopt = torch.optim.Adam(den.parameters(), lr=1e-3, fused=True)
+    return critic, target, den, copt, aopt
+
+
+def _train(qsm, agent, batches, steps=4):
+    critic, target, den, copt, aopt = agent
+    schedule, args = qsm.DiffusionSchedule("vp", 5), qsm.Args()
+    metrics = []
+    for i in range(steps):
+        torch.manual_seed(100 + i)
+        m = qsm.update_critic(critic, target, den, copt, schedule, batches[i], args)
+        m |= qsm.update_actor(den, critic, aopt, schedule, batches[i], args)
+        obs = batches[i].obs[:3]
+        m["action"] = qsm.ddpm_sample(den, schedule, obs)
+        metrics.append(m)
+    return metrics
+
+
+def test_compiled_updates_match_eager(qsm, monkeypatch):
+    torch._dynamo.reset()
+    # the compiled graphs draw their random numbers with eager's generator, in eager's order
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        qsm.Batch(torch.randn(32, 5, generator=g), torch.rand(32, 2, generator=g) * 2 - 1, torch.randn(32, generator=g),
+                  torch.randn(32, 5, generator=g), (torch.rand(32, generator=g) > 0.1).float())
+        for _ in range(4)
+    ]  # fmt: skip
+    eager = _agent(qsm)
+    initial = [p.detach().clone() for p in eager[0].parameters()] + [p.detach().clone() for p in eager[2].parameters()]
+    eager_metrics = _train(qsm, eager, batches)
+
+    compiled = _agent(qsm)
+    for name in ("critic_loss", "qsm_loss", "ddpm_sample"):  # what --compile does
+        monkeypatch.setattr(qsm, name, torch.compile(getattr(qsm, name)))
+    compiled_metrics = _train(qsm, compiled, batches)
+
+    for module_e, module_c in [(eager[0], compiled[0]), (eager[1], compiled[1]), (eager[2], compiled[2])]:
+        for p_e, p_c in zip(module_e.parameters(), module_c.parameters(), strict=True):
+            torch.testing.assert_close(p_c, p_e, rtol=1e-4, atol=1e-5)
+    final = [p.detach() for p in eager[0].parameters()] + [p.detach() for p in eager[2].parameters()]
+    assert all(not torch.equal(p0, p1) for p0, p1 in zip(initial, final, strict=True))  # every parameter moved
+    for m_e, m_c in zip(eager_metrics, compiled_metrics, strict=True):
+        assert m_e.keys() == m_c.keys()
+        for key in m_e:
+            torch.testing.assert_close(m_c[key], m_e[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sampler_on_cuda_matches_cpu(qsm):
+    torch.manual_seed(0)
+    den, schedule = qsm.Denoiser(5, 2, (64, 64)), qsm.DiffusionSchedule("vp", 5, "cuda")
+    obs, x_T = torch.randn(16, 5), torch.randn(16, 2)
+    cpu = qsm.ddpm_sample(den, qsm.DiffusionSchedule("vp", 5), obs, temperature=0.0, x_T=x_T)
+    gpu = qsm.ddpm_sample(den.cuda(), schedule, obs.cuda(), temperature=0.0, x_T=x_T.cuda())
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
