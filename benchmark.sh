@@ -26,7 +26,9 @@ import tempfile
 import time
 
 import torch
+from absl import logging as absl_logging
 
+absl_logging.set_verbosity(absl_logging.ERROR)  # dm_control's deprecation chatter
 sys.path.insert(0, os.getcwd())
 import qsm_continuous as qsm  # noqa: E402
 

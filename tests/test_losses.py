@@ -124,7 +124,7 @@ class ConstantCritic:
 def test_td_target_on_a_hand_computed_batch(qsm):
     torch.manual_seed(0)
     den, schedule = qsm.Denoiser(2, 3, (8,)), qsm.DiffusionSchedule("vp", 5)
-    next_obs = torch.tensor([[1.0, 2.0], [0.5, -1.0], [0.2, 0.3]])  # min(Q1, Q2) = [3, -2, 0]
+    next_obs = torch.tensor([[1.0, 2.0], [0.5, -1.0], [1.0, 1.0]])  # min(Q1, Q2) = [3, -2, 2]
     batch = qsm.Batch(
         obs=torch.zeros(3, 2),
         actions=torch.zeros(3, 3),
