@@ -98,10 +98,11 @@ ENV_IDS = tuple(f"{domain}-{task}" for domain, task in suite.ALL_TASKS)
 
 def check_args(args: Args) -> str | None:
     """The first problem with `args` as a one-line message naming the flag and the fix, or None."""
-    if args.env_id not in ENV_IDS:
-        return f"--env-id {args.env_id!r} is not a dm_control task; valid ids: {', '.join(ENV_IDS)}"
-    if args.beta_schedule not in BETA_SCHEDULES:
-        return f"--beta-schedule {args.beta_schedule!r} is unknown; use one of: {', '.join(BETA_SCHEDULES)}"
+    try:
+        parse_env_id(args.env_id)
+        beta_schedule(args.beta_schedule, 1)
+    except ValueError as error:
+        return str(error)
     if args.cuda and not torch.cuda.is_available():
         return "--cuda was given but torch sees no CUDA device; drop --cuda or install a CUDA build of torch (README)"
     positive = ("T", "batch_size", "buffer_size", "total_timesteps", "utd_ratio", "eval_interval", "eval_episodes",
@@ -200,14 +201,18 @@ class TwinCritic(nn.Module):
             self.biases.append(nn.Parameter(torch.zeros(num_q, 1, out_dim)))
         self.obs_dim = obs_dim
 
+    def hidden(self, obs: torch.Tensor, actions: torch.Tensor) -> list[torch.Tensor]:
+        """The hidden activations h_1..h_L of every critic, each (num_q, B, H_l)."""
+        x = torch.cat([obs, actions], dim=-1).expand(len(self.weights[0]), -1, -1)
+        activations = []
+        for weight, bias in zip(self.weights[:-1], self.biases[:-1], strict=True):
+            x = F.relu(torch.baddbmm(bias, x, weight))
+            activations.append(x)
+        return activations
+
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """(B, S), (B, A) -> Q values (num_q, B)."""
-        x = torch.cat([obs, actions], dim=-1).expand(len(self.weights[0]), -1, -1)
-        for i, (weight, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
-            x = torch.baddbmm(bias, x, weight)
-            if i < len(self.weights) - 1:
-                x = F.relu(x)
-        return x.squeeze(-1)
+        return torch.baddbmm(self.biases[-1], self.hidden(obs, actions)[-1], self.weights[-1]).squeeze(-1)
 
     def action_grad(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """grad_a Q_i(s, a) for every critic, (num_q, B, A); no gradient reaches the critics.
@@ -216,11 +221,7 @@ class TwinCritic(nn.Module):
         one product per layer back. Written out because autograd here would also build a graph for the parameters
         and, inside torch.compile, break the graph."""
         with torch.no_grad():
-            x = torch.cat([obs, actions], dim=-1).expand(len(self.weights[0]), -1, -1)
-            active = []
-            for weight, bias in zip(self.weights[:-1], self.biases[:-1], strict=True):
-                x = F.relu(torch.baddbmm(bias, x, weight))
-                active.append(x > 0)
+            active = [h > 0 for h in self.hidden(obs, actions)]  # D_l
             grad = self.weights[-1].transpose(1, 2)  # dQ/dh_L: (num_q, 1, H_L)
             for weight, mask in zip(reversed(self.weights[1:-1]), reversed(active[1:]), strict=True):
                 grad = torch.bmm(grad * mask, weight.transpose(1, 2))  # dQ/dh_{l-1} = (dQ/dh_l * D_l) W_l^T
@@ -566,7 +567,6 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: start the game
     obs = env.reset()
     episode_return, episode_length, last_return = 0.0, 0, float("nan")
-    metrics: dict = {}
     start_time, start_step = time.time(), None
     pbar = tqdm(range(0, args.total_timesteps, args.action_repeat), unit="step", unit_scale=args.action_repeat)
     for global_step in pbar:
