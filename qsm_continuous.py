@@ -611,11 +611,12 @@ if __name__ == "__main__":
                     writer.add_scalar("charts/SPS", sps, global_step)
                     pbar.set_postfix(sps=f"{sps:.1f}", ret=f"{last_return:.1f}", refresh=False)
 
-        if (global_step + args.action_repeat) % args.eval_interval < args.action_repeat:
+        steps_done = global_step + args.action_repeat
+        # every eval_interval steps, and once more at the end, so every run reports its final policy
+        if steps_done % args.eval_interval < args.action_repeat or steps_done >= args.total_timesteps:
             eval_start = time.time()
             returns = evaluate(eval_envs, denoiser, schedule, args, device)
             start_time += time.time() - eval_start  # SPS counts training steps/s, not evaluation time
-            steps_done = global_step + args.action_repeat
             writer.add_scalar("eval/episodic_return", returns.mean(), steps_done)
             writer.add_scalar("eval/episodic_return_std", returns.std(), steps_done)
             pbar.write(f"step {steps_done}: eval return {returns.mean():.1f} +- {returns.std():.1f}")

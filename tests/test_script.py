@@ -108,7 +108,9 @@ def test_utd_ratio_performs_that_many_updates(tmp_path):
     args = ["--env-id", "cartpole-balance", "--total-timesteps", "700", "--learning-starts", "600", "--utd-ratio", "3"]
     result = run_script([*args, "--eval-interval", "100000", "--save-model", *SMALL], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    ckpt = torch.load(next(only_run_dir(tmp_path).glob("*.pt")), weights_only=True)
+    run_dir = only_run_dir(tmp_path)
+    assert [step for step, _ in read_scalars(run_dir)["eval/episodic_return"]] == [700]  # the final evaluation
+    ckpt = torch.load(next(run_dir.glob("*.pt")), weights_only=True)
     assert ckpt["critic_optimizer"]["state"][0]["step"] == 300
     assert ckpt["actor_optimizer"]["state"][0]["step"] == 300
 
