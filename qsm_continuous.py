@@ -542,6 +542,8 @@ if __name__ == "__main__":
     # environment setup: the task seeded with the run's seed, the eval tasks with others
     env = DMCEnv(args.env_id, args.seed, args.action_repeat)
     eval_envs = [DMCEnv(args.env_id, args.seed + 10_000 + i, args.action_repeat) for i in range(args.eval_episodes)]
+    # one fixed initial state at which every evaluation also logs the policy's action distribution (paper, Fig. 4)
+    probe_obs = torch.as_tensor(DMCEnv(args.env_id, args.seed + 20_000).reset(), device=device)
     obs_dim, action_dim = env.obs_dim, env.action_dim
 
     critic = TwinCritic(obs_dim, action_dim, args.critic_hidden_dims).to(device)
@@ -619,6 +621,10 @@ if __name__ == "__main__":
             start_time += time.time() - eval_start  # SPS counts training steps/s, not evaluation time
             writer.add_scalar("eval/episodic_return", returns.mean(), steps_done)
             writer.add_scalar("eval/episodic_return_std", returns.std(), steps_done)
+            probe_actions = ddpm_sample(denoiser, schedule, probe_obs.expand(1000, -1), args.ddpm_temperature,
+                                        args.clip_sampler).cpu()  # fmt: skip
+            for dim in range(action_dim):
+                writer.add_histogram(f"eval/action_dim_{dim}", probe_actions[:, dim], steps_done)
             pbar.write(f"step {steps_done}: eval return {returns.mean():.1f} +- {returns.std():.1f}")
 
     if args.save_model:

@@ -65,6 +65,19 @@ def test_end_to_end_logs_finite_losses_and_eval_returns(trained):
     assert len(scalars["charts/SPS"]) == 14 and all(v > 0 for _, v in scalars["charts/SPS"])
 
 
+def test_eval_logs_the_action_distribution_at_a_fixed_state(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir, _ = trained
+    acc = EventAccumulator(str(run_dir), size_guidance={"histograms": 0})
+    acc.Reload()
+    assert sorted(acc.Tags()["histograms"]) == [f"eval/action_dim_{i}" for i in range(6)]  # cheetah: 6 actions
+    for event in acc.Histograms("eval/action_dim_0"):
+        assert event.histogram_value.num == 1000
+        assert -1 <= event.histogram_value.min <= event.histogram_value.max <= 1
+    assert [event.step for event in acc.Histograms("eval/action_dim_0")] == [1000, 2000]
+
+
 def test_saved_model_loads_and_acts(trained, qsm):
     result, run_dir, _ = trained
     path = run_dir / "qsm_continuous.pt"
