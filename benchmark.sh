@@ -79,11 +79,7 @@ def pieces(env_id, mode):
         args = qsm.Args(env_id=env_id)
         env = qsm.DMCEnv(env_id, seed=0)
         S, A = env.obs_dim, env.action_dim
-        critic = qsm.TwinCritic(S, A, args.critic_hidden_dims).to(device)
-        target = qsm.TwinCritic(S, A, args.critic_hidden_dims).to(device).requires_grad_(False)
-        den = qsm.Denoiser(S, A, args.actor_hidden_dims).to(device)
-        copt = torch.optim.Adam(critic.parameters(), lr=3e-4, fused=True)
-        aopt = torch.optim.Adam(den.parameters(), lr=3e-4, fused=True)
+        critic, target, den, copt, aopt, _ = qsm.build_agent(S, A, args, device)
         schedule = qsm.DiffusionSchedule("vp", args.T, device)
         rb = qsm.ReplayBuffer(10_000, S, A, device)
         obs = env.reset()

@@ -472,6 +472,22 @@ def cosine_decay(step: int, decay_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(step, decay_steps) / decay_steps))
 
 
+def build_agent(obs_dim: int, action_dim: int, args: Args, device) -> tuple:
+    """(critic, critic_target, denoiser, critic_optimizer, actor_optimizer, actor_scheduler), as Algorithm 1 starts."""
+    critic = TwinCritic(obs_dim, action_dim, args.critic_hidden_dims).to(device)
+    critic_target = TwinCritic(obs_dim, action_dim, args.critic_hidden_dims).to(device)
+    critic_target.load_state_dict(critic.state_dict())
+    critic_target.requires_grad_(False)
+    denoiser = Denoiser(obs_dim, action_dim, args.actor_hidden_dims).to(device)
+    # fused: one kernel for the whole Adam step (about 6x faster than the per-tensor default on the CPU)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, fused=True)
+    actor_optimizer = torch.optim.Adam(denoiser.parameters(), lr=args.actor_lr, fused=True)
+    actor_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        actor_optimizer, lambda step: cosine_decay(step, args.actor_lr_decay_steps)
+    )
+    return critic, critic_target, denoiser, critic_optimizer, actor_optimizer, actor_scheduler
+
+
 def evaluate(envs: list[DMCEnv], denoiser, schedule, args: Args, device) -> np.ndarray:
     """One full episode in each eval env, side by side (one batched DDPM sample per step), no exploration noise."""
     obs = np.stack([env.reset() for env in envs])
@@ -546,16 +562,8 @@ if __name__ == "__main__":
     probe_obs = torch.as_tensor(DMCEnv(args.env_id, args.seed + 20_000).reset(), device=device)
     obs_dim, action_dim = env.obs_dim, env.action_dim
 
-    critic = TwinCritic(obs_dim, action_dim, args.critic_hidden_dims).to(device)
-    critic_target = TwinCritic(obs_dim, action_dim, args.critic_hidden_dims).to(device)
-    critic_target.load_state_dict(critic.state_dict())
-    critic_target.requires_grad_(False)
-    denoiser = Denoiser(obs_dim, action_dim, args.actor_hidden_dims).to(device)
-    # fused: one kernel for the whole Adam step (about 6x faster than the per-tensor default on the CPU)
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, fused=True)
-    actor_optimizer = torch.optim.Adam(denoiser.parameters(), lr=args.actor_lr, fused=True)
-    actor_scheduler = torch.optim.lr_scheduler.LambdaLR(
-        actor_optimizer, lambda step: cosine_decay(step, args.actor_lr_decay_steps)
+    critic, critic_target, denoiser, critic_optimizer, actor_optimizer, actor_scheduler = build_agent(
+        obs_dim, action_dim, args, device
     )
     schedule = DiffusionSchedule(args.beta_schedule, args.T, device)
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, action_dim, device)
