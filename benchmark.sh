@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Benchmarks of qsm_continuous.py. Measures; asserts nothing.
 #
-#   bash benchmark.sh speed [--env-ids ID ...] [--modes eager compile] [--steps N] [--threads N] [--cuda]
+#   bash benchmark.sh speed [--env-ids ID ...] [--modes MODE ...] [--steps N] [--threads N] [--cuda]
 #
+# modes: `eager`, or the script's speed flags joined by `+`: compile, bf16, cudagraphs (CUDA only), e.g.
+# compile+cudagraphs+bf16. Default: eager compile bf16 compile+bf16, and with --cuda also cudagraphs,
+# compile+cudagraphs and compile+cudagraphs+bf16.
 # speed: for each env id and mode, (1) trains the real script in a subprocess for --steps learning-phase steps and
 # reads the wall times of its TensorBoard loss events, every 100 steps: training steps/s (act + env step + update) is
 # the median over those windows, the first two dropped as warm-up; (2) times the pieces in this process: updates/s
@@ -34,13 +37,23 @@ import qsm_continuous as qsm  # noqa: E402
 
 parser = argparse.ArgumentParser(prog="bash benchmark.sh speed")
 parser.add_argument("--env-ids", nargs="+", default=["cheetah-run", "humanoid-walk"])
-parser.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
+parser.add_argument("--modes", nargs="+", help="eager, or flags joined by +: compile, bf16, cudagraphs")
 parser.add_argument("--steps", type=int, default=1500, help="learning-phase steps of each training run")
 parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
 parser.add_argument("--cuda", action="store_true", help="benchmark on the GPU")
 opts = parser.parse_args()
 if opts.cuda and not torch.cuda.is_available():
     sys.exit("error: --cuda was given but torch sees no CUDA device")
+if opts.steps < 500:
+    sys.exit("error: --steps must be at least 500 (5 windows of 100 steps, 2 of them warm-up)")
+opts.modes = opts.modes or ["eager", "compile", "bf16", "compile+bf16"] + (
+    ["cudagraphs", "compile+cudagraphs", "compile+cudagraphs+bf16"] if opts.cuda else []
+)
+for mode in opts.modes:
+    if mode != "eager" and not set(mode.split("+")) <= {"compile", "bf16", "cudagraphs"}:
+        sys.exit(f"error: --modes {mode!r} is unknown; use eager or flags joined by +: compile, bf16, cudagraphs")
+    if "cudagraphs" in mode and not opts.cuda:
+        sys.exit(f"error: --modes {mode!r} needs --cuda")
 for env_id in opts.env_ids:
     if env_id not in qsm.ENV_IDS:
         sys.exit(f"error: --env-ids {env_id!r} is not a dm_control task; valid ids: {', '.join(qsm.ENV_IDS)}")
@@ -71,12 +84,12 @@ def pieces(env_id, mode):
     torch._dynamo.reset()
     names = ("critic_loss", "qsm_loss", "ddpm_sample")
     eager = {name: getattr(qsm, name) for name in names}
-    if mode == "compile":
+    if "compile" in mode:
         for name in names:
             setattr(qsm, name, torch.compile(eager[name]))
     try:
         torch.manual_seed(0)
-        args = qsm.Args(env_id=env_id)
+        args = qsm.Args(env_id=env_id, cuda=opts.cuda, cudagraphs="cudagraphs" in mode, bf16="bf16" in mode)
         env = qsm.DMCEnv(env_id, seed=0)
         S, A = env.obs_dim, env.action_dim
         critic, target, den, copt, aopt, _ = qsm.build_agent(S, A, args, device)
@@ -89,22 +102,25 @@ def pieces(env_id, mode):
             rb.add(obs, action, reward, next_obs, mask)
             obs = env.reset() if done else next_obs
 
-        def update():
-            batch = rb.sample(args.batch_size)
-            qsm.update_critic(critic, target, den, copt, schedule, batch, args)
-            qsm.update_actor(den, critic, aopt, schedule, batch, args)
+        def update_fn(idx):
+            return qsm.train_step(rb.gather(idx), critic, target, den, copt, aopt, schedule, args)
 
+        def policy(obs):
+            return qsm.act(den, schedule, obs, args)
+
+        if args.cudagraphs:
+            update_fn, policy = qsm.CudaGraph(update_fn), qsm.CudaGraph(policy)
         obs_t = torch.as_tensor(obs, device=device).unsqueeze(0)
 
-        def act():
-            a = qsm.ddpm_sample(den, schedule, obs_t)
-            (a + 0.1 * torch.randn_like(a)).clamp(-1, 1)[0].cpu().numpy()
+        def update():
+            update_fn(rb.sample_indices(args.batch_size))
 
-        start = time.perf_counter()
-        update(), act()
-        sync()
-        first_call = time.perf_counter() - start
-        return median_rate(update, 1), median_rate(act, 1), first_call
+        def act():
+            policy(obs_t)[0].cpu().numpy()
+
+        for _ in range(4):  # compilation, and the graphs' warm-up and capture
+            update(), act()
+        return median_rate(update, 1), median_rate(act, 1)
     finally:
         for name, fn in eager.items():
             setattr(qsm, name, fn)
@@ -118,7 +134,7 @@ def training(env_id, mode):
         cmd = [sys.executable, os.path.abspath("qsm_continuous.py"), "--env-id", env_id, "--seed", "1"]
         cmd += ["--total-timesteps", str(LEARNING_STARTS + opts.steps), "--learning-starts", str(LEARNING_STARTS)]
         cmd += ["--eval-interval", str(10**9), "--cuda" if opts.cuda else "--no-cuda"]
-        cmd += ["--compile"] if mode == "compile" else []
+        cmd += [f"--{flag}" for flag in mode.split("+") if flag != "eager"]
         env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(opts.threads)}
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         stderr = proc.stderr.read()
@@ -145,7 +161,7 @@ print(header + "\n|" + "---|" * (header.count("|") - 1))
 for env_id in opts.env_ids:
     for mode in opts.modes:
         train_sps, first_update, rss = training(env_id, mode)
-        updates, acts, _ = pieces(env_id, mode)
+        updates, acts = pieces(env_id, mode)
         print(f"| {env_id} | {mode} | {train_sps:.1f} | {updates:.1f} | {acts:.0f} | {first_update:.1f} | {rss:.0f} |")
         sys.stdout.flush()
 PY

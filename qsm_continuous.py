@@ -90,6 +90,10 @@ class Args:
     """repeat every action this many control steps, summing the rewards"""
     compile: bool = False
     """compile the updates and the sampler with `torch.compile`"""
+    cudagraphs: bool = False
+    """replay every update and every acting step from a CUDA graph (needs a GPU; with or without --compile)"""
+    bf16: bool = False
+    """run the networks' matrix products in bfloat16 (autocast; parameters, optimisers and losses stay float32)"""
 
 
 BETA_SCHEDULES = ("vp", "cosine", "linear")
@@ -105,6 +109,8 @@ def check_args(args: Args) -> str | None:
         return str(error)
     if args.cuda and not torch.cuda.is_available():
         return "--cuda was given but torch sees no CUDA device; drop --cuda or install a CUDA build of torch (README)"
+    if args.cudagraphs and not args.cuda:
+        return "--cudagraphs needs a CUDA device (--cuda); drop --cudagraphs on the CPU"
     positive = ("T", "batch_size", "buffer_size", "total_timesteps", "utd_ratio", "eval_interval", "eval_episodes",
                 "action_repeat", "actor_lr_decay_steps", "M_q", "critic_lr", "actor_lr")  # fmt: skip
     for name in positive:
@@ -359,29 +365,33 @@ class Batch(NamedTuple):
 
 
 class ReplayBuffer:
-    """A ring buffer of preallocated tensors on the training device; sampling is uniform with replacement."""
+    """A ring buffer on the training device, sampled uniformly with replacement. One row [s, a, r, s', mask] per
+    transition in one preallocated tensor: adding is one host-to-device copy, sampling one gather."""
 
     def __init__(self, capacity: int, obs_dim: int, action_dim: int, device: torch.device | str = "cpu"):
-        self.obs = torch.zeros(capacity, obs_dim, device=device)
-        self.next_obs = torch.zeros(capacity, obs_dim, device=device)
-        self.actions = torch.zeros(capacity, action_dim, device=device)
-        self.rewards = torch.zeros(capacity, device=device)
-        self.masks = torch.zeros(capacity, device=device)
+        self.rows = torch.zeros(capacity, 2 * obs_dim + action_dim + 2, device=device)
+        self.sizes = (obs_dim, action_dim, 1, obs_dim, 1)  # the columns of s, a, r, s', mask
+        self.obs, self.actions, self.rewards, self.next_obs, self.masks = self.split(self.rows)
         self.capacity, self.pos, self.size = capacity, 0, 0
 
+    def split(self, rows: torch.Tensor) -> Batch:
+        obs, actions, rewards, next_obs, masks = torch.split(rows, self.sizes, dim=-1)
+        return Batch(obs, actions, rewards.squeeze(-1), next_obs, masks.squeeze(-1))
+
     def add(self, obs, action, reward: float, next_obs, mask: float) -> None:
-        i = self.pos
-        self.obs[i] = torch.as_tensor(obs)
-        self.actions[i] = torch.as_tensor(action)
-        self.rewards[i] = reward
-        self.next_obs[i] = torch.as_tensor(next_obs)
-        self.masks[i] = mask
-        self.pos = (i + 1) % self.capacity
+        row = np.concatenate([obs, action, [reward], next_obs, [mask]], dtype=np.float32)
+        self.rows[self.pos] = torch.from_numpy(row)
+        self.pos = (self.pos + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
+    def sample_indices(self, batch_size: int) -> torch.Tensor:
+        return torch.randint(0, self.size, (batch_size,), device=self.rows.device)
+
+    def gather(self, idx: torch.Tensor) -> Batch:
+        return self.split(self.rows[idx])
+
     def sample(self, batch_size: int) -> Batch:
-        idx = torch.randint(0, self.size, (batch_size,), device=self.obs.device)
-        return Batch(self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.masks[idx])
+        return self.gather(self.sample_indices(batch_size))
 
 
 # ALGO LOGIC: the two losses of Algorithm 1
@@ -422,6 +432,7 @@ def qsm_loss(
     noisy_actions = alpha_bar.sqrt() * batch.actions + (1.0 - alpha_bar).sqrt() * noise  # a_t, (B, A)
     target = qsm_target(critic, batch.obs, noisy_actions, M_q)  # -M_q * grad_a Q(s, a_t), (B, A)
     eps_pred = denoiser(batch.obs, noisy_actions, t)  # (B, A)
+    target, eps_pred = target.float(), eps_pred.float()  # no-ops, except under --bf16
     loss = (eps_pred - target).pow(2).mean()  # eps_theta(s, a_t, t) -> -M_q * grad_a Q(s, a_t)
     return loss, target
 
@@ -432,7 +443,7 @@ def critic_loss(critic, critic_target, denoiser, schedule, batch: Batch, args: A
         critic_target, denoiser, schedule, batch, args.gamma, args.target_noise, args.ddpm_temperature,
         args.clip_sampler,
     )  # fmt: skip
-    q = critic(batch.obs, batch.actions)  # (2, B)
+    q = critic(batch.obs, batch.actions).float()  # (2, B); .float(): a no-op, except under --bf16
     qf_losses = (q - y).pow(2).mean(dim=1)  # per critic MSE, (2,)
     metrics = {
         "losses/qf1_loss": qf_losses[0].detach(),
@@ -479,13 +490,71 @@ def build_agent(obs_dim: int, action_dim: int, args: Args, device) -> tuple:
     critic_target.load_state_dict(critic.state_dict())
     critic_target.requires_grad_(False)
     denoiser = Denoiser(obs_dim, action_dim, args.actor_hidden_dims).to(device)
-    # fused: one kernel for the whole Adam step (about 6x faster than the per-tensor default on the CPU)
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, fused=True)
-    actor_optimizer = torch.optim.Adam(denoiser.parameters(), lr=args.actor_lr, fused=True)
+
+    # fused: one kernel for the whole Adam step (about 6x faster than the per-tensor default on the CPU).
+    # A CUDA graph replays the step, so there the step counters and learning rates live on the GPU (capturable).
+    def lr(value: float) -> float | torch.Tensor:
+        return torch.tensor(value, device=device) if args.cudagraphs else value
+
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr(args.critic_lr), fused=True, capturable=args.cudagraphs)
+    actor_optimizer = torch.optim.Adam(denoiser.parameters(), lr(args.actor_lr), fused=True, capturable=args.cudagraphs)
     actor_scheduler = torch.optim.lr_scheduler.LambdaLR(
         actor_optimizer, lambda step: cosine_decay(step, args.actor_lr_decay_steps)
     )
     return critic, critic_target, denoiser, critic_optimizer, actor_optimizer, actor_scheduler
+
+
+def autocast(device: torch.device, args: Args) -> torch.autocast:
+    """--bf16: matrix products in bfloat16 (2x the fp32 rate on a CPU with AVX-512 BF16, tensor cores on a GPU)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+
+def train_step(
+    batch: Batch, critic, critic_target, denoiser, critic_optimizer, actor_optimizer, schedule, args
+) -> dict:
+    """Algorithm 1's update: a TD step on the twin critics, then a score step on the denoiser, on one batch."""
+    with autocast(batch.obs.device, args):
+        metrics = update_critic(critic, critic_target, denoiser, critic_optimizer, schedule, batch, args)
+        return metrics | update_actor(denoiser, critic, actor_optimizer, schedule, batch, args)
+
+
+def act(denoiser, schedule, obs: torch.Tensor, args: Args) -> torch.Tensor:
+    """The behaviour policy: a = clip(DDPM(s) + N(0, exploration_noise^2), -1, 1)."""
+    with autocast(obs.device, args):
+        a = ddpm_sample(denoiser, schedule, obs, args.ddpm_temperature, args.clip_sampler)
+    return (a + args.exploration_noise * torch.randn_like(a)).clamp(-1.0, 1.0)
+
+
+class CudaGraph:
+    """Calls `fn(x)`, x a tensor, by replaying a CUDA graph: one launch for the hundreds of small kernels of an update,
+    which otherwise cost more in Python and launch overhead than in arithmetic (LeanRL's trick, written out).
+
+    The first `warmup` calls run eagerly on a side stream (compilation, optimiser state, cuBLAS workspaces) and are
+    real calls; the next one is captured, then every call copies x into the captured input and replays.
+    Replay is exact only because `fn` reads nothing but its input and tensors updated in place (parameters,
+    optimiser states, tensor learning rates) and never syncs with the host. Outputs are overwritten by the next call."""
+
+    def __init__(self, fn, warmup: int = 3):
+        self.fn, self.warmup, self.graph, self.input = fn, warmup, None, None
+
+    def __call__(self, x: torch.Tensor):
+        if self.input is None:  # every call, warm-ups too, reads this: torch.compile never recompiles in a capture
+            self.input = x.clone()
+        self.input.copy_(x)
+        if self.warmup > 0:
+            self.warmup -= 1
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                outputs = self.fn(self.input)
+            torch.cuda.current_stream().wait_stream(stream)
+            return outputs
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = self.fn(self.input)
+        self.graph.replay()
+        return self.outputs
 
 
 def evaluate(envs: list[DMCEnv], denoiser, schedule, args: Args, device) -> np.ndarray:
@@ -495,7 +564,9 @@ def evaluate(envs: list[DMCEnv], denoiser, schedule, args: Args, device) -> np.n
     running = np.ones(len(envs), dtype=bool)
     while running.any():
         obs_t = torch.as_tensor(obs[running], device=device)
-        actions = ddpm_sample(denoiser, schedule, obs_t, args.ddpm_temperature, args.clip_sampler).cpu().numpy()
+        with autocast(obs_t.device, args):
+            actions = ddpm_sample(denoiser, schedule, obs_t, args.ddpm_temperature, args.clip_sampler)
+        actions = actions.cpu().numpy()
         for action, i in zip(actions, np.flatnonzero(running), strict=True):
             next_obs, reward, _, done = envs[i].step(action)
             returns[i] += reward
@@ -574,6 +645,16 @@ if __name__ == "__main__":
         # break the graph, and the fused Adam step is a single kernel already.
         critic_loss, qsm_loss, ddpm_sample = map(torch.compile, (critic_loss, qsm_loss, ddpm_sample))
 
+    def update(idx: torch.Tensor) -> dict:  # gathers its batch itself, so a CUDA graph replays the gather too
+        batch = rb.gather(idx)
+        return train_step(batch, critic, critic_target, denoiser, critic_optimizer, actor_optimizer, schedule, args)
+
+    def policy(obs: torch.Tensor) -> torch.Tensor:
+        return act(denoiser, schedule, obs, args)
+
+    if args.cudagraphs:
+        update, policy = CudaGraph(update), CudaGraph(policy)
+
     # TRY NOT TO MODIFY: start the game
     obs = env.reset()
     episode_return, episode_length, last_return = 0.0, 0, float("nan")
@@ -584,11 +665,7 @@ if __name__ == "__main__":
         if global_step < args.learning_starts:
             action = np.random.uniform(-1.0, 1.0, action_dim).astype(np.float32)
         else:
-            with torch.no_grad():
-                obs_t = torch.as_tensor(obs, device=device).unsqueeze(0)
-                a = ddpm_sample(denoiser, schedule, obs_t, args.ddpm_temperature, args.clip_sampler)
-                a = (a + args.exploration_noise * torch.randn_like(a)).clamp(-1.0, 1.0)  # a = DDPM(s) + N(0, 0.1^2)
-                action = a[0].cpu().numpy()
+            action = policy(torch.as_tensor(obs, device=device).unsqueeze(0))[0].cpu().numpy()
 
         # TRY NOT TO MODIFY: execute the game and log data.
         next_obs, reward, mask, done = env.step(action)
@@ -607,9 +684,7 @@ if __name__ == "__main__":
             if start_step is None:
                 start_time, start_step = time.time(), global_step
             for _ in range(args.utd_ratio):
-                batch = rb.sample(args.batch_size)
-                metrics = update_critic(critic, critic_target, denoiser, critic_optimizer, schedule, batch, args)
-                metrics |= update_actor(denoiser, critic, actor_optimizer, schedule, batch, args)
+                metrics = update(rb.sample_indices(args.batch_size))
                 actor_scheduler.step()
 
             if (global_step // args.action_repeat) % 100 == 0:

@@ -98,6 +98,25 @@ def test_saved_model_loads_and_acts(trained, qsm):
     assert torch.isfinite(critic(obs, action)).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_compile_and_cudagraphs_end_to_end(tmp_path):
+    """The fastest GPU path as a user runs it: every update after the warm-up replayed from a graph, and counted."""
+    args = ["--env-id", "cheetah-run", "--total-timesteps", "1500", "--learning-starts", "500", "--cuda"]
+    args += ["--compile", "--cudagraphs", "--eval-interval", "1000", "--eval-episodes", "2", "--save-model", *SMALL]
+    result = run_script(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    scalars = read_scalars(run_dir)
+    qf1 = [v for _, v in scalars["losses/qf1_loss"]]
+    assert len(qf1) == 10 and all(math.isfinite(v) for v in qf1) and len(set(qf1)) > 1
+    assert [step for step, _ in scalars["eval/episodic_return"]] == [1000, 1500]
+    ckpt = torch.load(next(run_dir.glob("*.pt")), weights_only=True)
+    assert ckpt["critic_optimizer"]["state"][0]["step"] == 1000  # one real update per step, replays included
+    assert ckpt["actor_optimizer"]["state"][0]["step"] == 1000
+    lrs = [v for _, v in scalars["charts/actor_lr"]]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < lrs[0]
+
+
 def _loss_curves(cwd, seed, extra=()):
     args = ["--env-id", "cartpole-swingup", "--total-timesteps", "1000", "--learning-starts", "500", "--seed", seed]
     args += ["--eval-interval", "1000", "--eval-episodes", "1", *SMALL, *extra]
@@ -148,6 +167,7 @@ def test_action_repeat_counts_environment_steps(tmp_path):
         (["--batch-size", "512", "--buffer-size", "100"], "--batch-size 512 exceeds --buffer-size 100"),
         (["--M-q", "-1"], "--M-q must be positive, got -1.0"),
         (["--critic-hidden-dims"], "--critic-hidden-dims needs one or more positive sizes"),
+        (["--no-cuda", "--cudagraphs"], "--cudagraphs needs a CUDA device (--cuda); drop --cudagraphs on the CPU"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, args, expected):
