@@ -6,14 +6,19 @@ import os
 # Set MUJOCO_GL=egl (GPU) or MUJOCO_GL=osmesa (CPU) yourself to render.
 os.environ.setdefault("MUJOCO_GL", "disable")
 
+import dataclasses
 import itertools
 import math
 import random
+import signal
+import socket
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
@@ -40,6 +45,12 @@ class Args:
     """the entity (team) of wandb's project"""
     save_model: bool = False
     """save the networks, optimisers and args to `runs/{run_name}/{exp_name}.pt` at the end"""
+    checkpoint_interval: int = 100_000
+    """write the whole training state to `runs/{run_name}/checkpoint/` every this many steps, at the end and on
+    SIGTERM/SIGINT (0: only on a signal)"""
+    resume: str | None = None
+    """continue a run exactly from its run directory or checkpoint; flags not given are the checkpoint's, and
+    --total-timesteps may be raised"""
 
     # Algorithm specific arguments
     env_id: str = "cheetah-run"
@@ -97,6 +108,11 @@ class Args:
 
 
 BETA_SCHEDULES = ("vp", "cosine", "linear")
+# the settings that decide what is learned (a resumed run checks them), not how fast, how long or what is logged
+ALGORITHM_FIELDS = ("seed", "env_id", "learning_starts", "buffer_size", "batch_size", "gamma", "tau", "critic_lr",
+                    "actor_lr", "actor_lr_decay_steps", "critic_hidden_dims", "actor_hidden_dims", "T", "beta_schedule",
+                    "ddpm_temperature", "clip_sampler", "M_q", "exploration_noise", "target_noise", "utd_ratio",
+                    "action_repeat", "bf16")  # fmt: skip
 ENV_IDS = tuple(f"{domain}-{task}" for domain, task in suite.ALL_TASKS)
 
 
@@ -148,6 +164,17 @@ def flatten_observation(observation: dict) -> np.ndarray:
     return np.concatenate([np.asarray(v, dtype=np.float32).ravel() for v in observation.values()])
 
 
+def get_numpy_rng_state(rng) -> tuple:
+    """A NumPy RandomState's (or np.random's) state with tensors for arrays: loadable with weights_only=True."""
+    name, key, pos, has_gauss, gauss = rng.get_state()
+    return name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss
+
+
+def set_numpy_rng_state(rng, state: tuple) -> None:
+    name, key, pos, has_gauss, gauss = state
+    rng.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
 class DMCEnv:
     """A dm_control task with the agent's action in [-1, 1], flat float32 observations and action repeat."""
 
@@ -179,7 +206,27 @@ class DMCEnv:
             reward += time_step.reward or 0.0
             if time_step.last():
                 break
-        return flatten_observation(time_step.observation), reward, float(time_step.discount), time_step.last()
+        return flatten_observation(time_step.observation), float(reward), float(time_step.discount), time_step.last()
+
+    def get_state(self) -> dict:
+        """Everything that decides the future of this task: MuJoCo's full integration state (warm start included),
+        the time-limit counter and the task's random generator. Restored, the task steps bit for bit as before."""
+        physics, spec = self.env.physics, mujoco.mjtState.mjSTATE_INTEGRATION
+        buffer = np.empty(mujoco.mj_stateSize(physics.model.ptr, spec))
+        mujoco.mj_getState(physics.model.ptr, physics.data.ptr, buffer, spec)
+        return {
+            "physics": torch.from_numpy(buffer),
+            "step_count": self.env._step_count,
+            "reset_next_step": self.env._reset_next_step,
+            "random": get_numpy_rng_state(self.env.task.random),
+        }
+
+    def set_state(self, state: dict) -> None:
+        physics, spec = self.env.physics, mujoco.mjtState.mjSTATE_INTEGRATION
+        mujoco.mj_setState(physics.model.ptr, physics.data.ptr, state["physics"].numpy(), spec)
+        mujoco.mj_step1(physics.model.ptr, physics.data.ptr)  # dm_control steps with mj_step2 and expects this done
+        self.env._step_count, self.env._reset_next_step = state["step_count"], state["reset_next_step"]
+        set_numpy_rng_state(self.env.task.random, state["random"])
 
 
 # ALGO LOGIC: networks
@@ -372,7 +419,7 @@ class ReplayBuffer:
         self.rows = torch.zeros(capacity, 2 * obs_dim + action_dim + 2, device=device)
         self.sizes = (obs_dim, action_dim, 1, obs_dim, 1)  # the columns of s, a, r, s', mask
         self.obs, self.actions, self.rewards, self.next_obs, self.masks = self.split(self.rows)
-        self.capacity, self.pos, self.size = capacity, 0, 0
+        self.capacity, self.pos, self.size, self.added = capacity, 0, 0, 0
 
     def split(self, rows: torch.Tensor) -> Batch:
         obs, actions, rewards, next_obs, masks = torch.split(rows, self.sizes, dim=-1)
@@ -381,8 +428,8 @@ class ReplayBuffer:
     def add(self, obs, action, reward: float, next_obs, mask: float) -> None:
         row = np.concatenate([obs, action, [reward], next_obs, [mask]], dtype=np.float32)
         self.rows[self.pos] = torch.from_numpy(row)
-        self.pos = (self.pos + 1) % self.capacity
-        self.size = min(self.size + 1, self.capacity)
+        self.added += 1
+        self.pos, self.size = self.added % self.capacity, min(self.added, self.capacity)
 
     def sample_indices(self, batch_size: int) -> torch.Tensor:
         return torch.randint(0, self.size, (batch_size,), device=self.rows.device)
@@ -558,7 +605,12 @@ class CudaGraph:
 
 
 def evaluate(envs: list[DMCEnv], denoiser, schedule, args: Args, device) -> np.ndarray:
-    """One full episode in each eval env, side by side (one batched DDPM sample per step), no exploration noise."""
+    """One full episode in each eval env, side by side (one batched DDPM sample per step), no exploration noise.
+
+    Eval env i is reseeded with seed + 10000 + i first: every evaluation starts from the same initial states, so
+    evaluations compare across steps and never depend on earlier ones (nor does a resumed run's)."""
+    for i, env in enumerate(envs):
+        env.env.task.random.seed(args.seed + 10_000 + i)
     obs = np.stack([env.reset() for env in envs])
     returns = np.zeros(len(envs))
     running = np.ones(len(envs), dtype=bool)
@@ -585,13 +637,137 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(tmp, path)
 
 
+class CheckpointError(Exception):
+    pass
+
+
+class Checkpoint:
+    """A run's checkpoint directory: `state.pt` (everything but the replay buffer) and the buffer's rows in chunk
+    files, each rewritten only when rows in it changed, so a checkpoint of a large buffer costs the rows added since
+    the last one. Every file is written atomically and `state.pt`, renamed last, names the chunk files it needs:
+    a kill at any instant leaves the previous or the new checkpoint whole. Files it no longer needs are deleted."""
+
+    CHUNK_ROWS = 65_536
+
+    def __init__(self, directory: str):
+        self.dir = directory
+        self.chunks: dict[int, str] = {}  # chunk index -> file name, as named by the last state.pt written
+        self.saved_added = 0  # rb.added at the last save
+
+    def save(self, state: dict, rb: ReplayBuffer, step: int) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        chunks = dict(self.chunks)
+        for c in self.changed_chunks(rb):
+            rows = rb.rows[c * self.CHUNK_ROWS : min((c + 1) * self.CHUNK_ROWS, rb.size)]
+            chunks[c] = f"buffer-{c:05d}-{step}.pt"
+            save_checkpoint(os.path.join(self.dir, chunks[c]), rows.cpu().clone())
+        buffer = {"capacity": rb.capacity, "added": rb.added, "chunk_rows": self.CHUNK_ROWS, "chunks": chunks}
+        save_checkpoint(os.path.join(self.dir, "state.pt"), {**state, "buffer": buffer})
+        for name in set(self.chunks.values()) - set(chunks.values()):
+            os.remove(os.path.join(self.dir, name))
+        self.chunks, self.saved_added = chunks, rb.added
+
+    def changed_chunks(self, rb: ReplayBuffer) -> set[int]:
+        """The chunks that hold rows written since the last save (the ring may have wrapped around)."""
+        if rb.added - self.saved_added >= rb.capacity:
+            return set(range(math.ceil(rb.capacity / self.CHUNK_ROWS)))
+        changed, i = set(), self.saved_added
+        while i < rb.added:
+            pos = i % rb.capacity
+            changed.add(pos // self.CHUNK_ROWS)
+            i += min((pos // self.CHUNK_ROWS + 1) * self.CHUNK_ROWS, rb.capacity) - pos  # to the chunk's end
+        return changed
+
+    @staticmethod
+    def find(path: str) -> str:
+        """The checkpoint directory that `path` (a run directory, a checkpoint directory or its state.pt) means."""
+        for directory in (os.path.join(path, "checkpoint"), path, os.path.dirname(path)):
+            if os.path.isfile(os.path.join(directory, "state.pt")):
+                return directory
+        raise CheckpointError(f"--resume {path}: no checkpoint there (looked for {path}/checkpoint/state.pt)")
+
+    def load_state(self) -> dict:
+        try:
+            return torch.load(os.path.join(self.dir, "state.pt"), map_location="cpu", weights_only=True)
+        except Exception as error:  # truncated, corrupt or not a checkpoint at all
+            raise CheckpointError(f"--resume: {self.dir}/state.pt is unreadable ({type(error).__name__}); "
+                                  "resume from another checkpoint") from None  # fmt: skip
+
+    def load_buffer(self, buffer: dict, rb: ReplayBuffer) -> None:
+        for c, name in buffer["chunks"].items():
+            try:
+                rows = torch.load(os.path.join(self.dir, name), weights_only=True)
+            except Exception as error:
+                raise CheckpointError(
+                    f"--resume: buffer file {self.dir}/{name} is unreadable ({type(error).__name__})"
+                ) from None
+            rb.rows[c * buffer["chunk_rows"] : c * buffer["chunk_rows"] + len(rows)] = rows.to(rb.rows.device)
+        rb.added = buffer["added"]
+        rb.pos, rb.size = rb.added % rb.capacity, min(rb.added, rb.capacity)
+        self.chunks, self.saved_added = dict(buffer["chunks"]), rb.added
+
+
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
+# LONG RUNS: resume, checkpoints, offline tracking
+RESUME_FIXED = ("env_id", "seed", "action_repeat", "buffer_size", "critic_hidden_dims", "actor_hidden_dims")
+
+
+def resume_args(args: Args) -> tuple[Args, Checkpoint, dict]:
+    """--resume: the checkpoint's settings, overridden by the flags given now. The task, the seed and the shapes of
+    the networks and the buffer must stay; any other change is allowed (a lower learning rate after a NaN, say),
+    and named, since the run then no longer continues exactly."""
+    checkpoint = Checkpoint(Checkpoint.find(args.resume))
+    state = checkpoint.load_state()
+    saved = Args(**state["args"])
+    defaults = dataclasses.replace(saved, resume=args.resume, cuda=torch.cuda.is_available())
+    args = tyro.cli(Args, default=defaults)  # the command line again, with the checkpoint's values as defaults
+    changed = []
+    for name in ALGORITHM_FIELDS:
+        value, was = getattr(args, name), getattr(saved, name)
+        if value != was:
+            value, was = (" ".join(map(str, v)) if isinstance(v, tuple) else v for v in (value, was))
+            flag = f"--{name.replace('_', '-')}"
+            if name in RESUME_FIXED:
+                raise CheckpointError(f"--resume: the checkpoint was trained with {flag} {was}, this run asks for "
+                                      f"{value}; drop {flag} to continue that run, or start a new one")  # fmt: skip
+            changed.append(f"{flag} {value} (was {was})")
+    if changed:
+        print(f"note: resuming with {', '.join(changed)}: the run no longer continues exactly", file=sys.stderr)
+    if args.total_timesteps < state["global_step"]:
+        raise CheckpointError(f"--resume: the checkpoint is at step {state['global_step']}, past --total-timesteps "
+                              f"{args.total_timesteps}; raise --total-timesteps to train on")  # fmt: skip
+    return args, checkpoint, state
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict, lr: float, args: Args, device) -> None:
+    """The saved Adam state, with this run's learning rate and graph setting (a run may resume with --cudagraphs)."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group["capturable"] = args.cudagraphs
+        group["lr"] = torch.tensor(lr, device=device) if args.cudagraphs else lr
+
+
+def wandb_reachable(timeout: float = 3.0) -> bool:
+    url = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    saved = None  # the checkpoint's training state when resuming
+    if args.resume:
+        try:
+            args, checkpoint, saved = resume_args(args)
+        except CheckpointError as error:
+            fail(str(error))
     problem = check_args(args)
     if problem:
         fail(problem)
@@ -602,10 +778,21 @@ if __name__ == "__main__":
     from tqdm import tqdm
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # dm_control's deprecation chatter
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if saved is None:
+        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = f"runs/{run_name}"
+        checkpoint = Checkpoint(f"{run_dir}/checkpoint")
+    else:
+        run_dir = os.path.dirname(checkpoint.dir)
+        run_name = os.path.basename(run_dir)
     if args.track:
         import wandb
 
+        if os.environ.get("WANDB_MODE") not in ("offline", "disabled") and not wandb_reachable():
+            os.environ["WANDB_MODE"] = "offline"
+            print(
+                "wandb: no network; logging offline to ./wandb (upload later: wandb sync --sync-all)", file=sys.stderr
+            )
         wandb.init(
             project=args.wandb_project_name,
             entity=args.wandb_entity,
@@ -613,12 +800,16 @@ if __name__ == "__main__":
             config=vars(args),
             name=run_name,
             save_code=True,
+            id=saved["wandb_id"] if saved and saved["wandb_id"] else None,
+            resume="allow",
         )
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
-    )
+    # when resuming, TensorBoard drops what the stopped run logged after its checkpoint
+    writer = SummaryWriter(run_dir, purge_step=saved["global_step"] if saved else None)
+    if saved is None:
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
+        )
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -637,7 +828,7 @@ if __name__ == "__main__":
         obs_dim, action_dim, args, device
     )
     schedule = DiffusionSchedule(args.beta_schedule, args.T, device)
-    rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, action_dim, device)
+    rb = ReplayBuffer(args.buffer_size, obs_dim, action_dim, device)  # untouched rows cost no memory on the CPU
 
     if args.compile:
         # Rebinds the module's names, so the updates, acting and evaluation all call the compiled versions. Only the
@@ -655,11 +846,82 @@ if __name__ == "__main__":
     if args.cudagraphs:
         update, policy = CudaGraph(update), CudaGraph(policy)
 
+    def training_state(next_step: int) -> dict:
+        """Everything a run needs to go on exactly as if never stopped; the replay buffer is saved beside it."""
+        return {
+            "args": vars(args),
+            "global_step": next_step,
+            "wandb_id": wandb.run.id if args.track else None,
+            "critic": critic.state_dict(),
+            "critic_target": critic_target.state_dict(),
+            "denoiser": denoiser.state_dict(),
+            "critic_optimizer": critic_optimizer.state_dict(),
+            "actor_optimizer": actor_optimizer.state_dict(),
+            "actor_scheduler": actor_scheduler.state_dict(),
+            "env": env.get_state(),
+            "episode": {
+                "obs": torch.from_numpy(obs),
+                "return": episode_return,
+                "length": episode_length,
+                "last_return": last_return,
+            },
+            "rng": {
+                "python": random.getstate(),
+                "numpy": get_numpy_rng_state(np.random),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+            },
+        }
+
     # TRY NOT TO MODIFY: start the game
     obs = env.reset()
     episode_return, episode_length, last_return = 0.0, 0, float("nan")
+    start = 0
+    if saved is not None:
+        critic.load_state_dict(saved["critic"])
+        critic_target.load_state_dict(saved["critic_target"])
+        denoiser.load_state_dict(saved["denoiser"])
+        load_optimizer(critic_optimizer, saved["critic_optimizer"], args.critic_lr, args, device)
+        actor_scheduler.load_state_dict(saved["actor_scheduler"])
+        actor_scheduler.base_lrs = [args.actor_lr]
+        lr = args.actor_lr * cosine_decay(actor_scheduler.last_epoch, args.actor_lr_decay_steps)  # as LambdaLR has it
+        load_optimizer(actor_optimizer, saved["actor_optimizer"], lr, args, device)
+        try:
+            checkpoint.load_buffer(saved["buffer"], rb)
+        except CheckpointError as error:
+            fail(str(error))
+        env.set_state(saved["env"])
+        episode = saved["episode"]
+        obs, episode_return, episode_length = episode["obs"].numpy(), episode["return"], episode["length"]
+        last_return, start = episode["last_return"], saved["global_step"]
+        random.setstate(saved["rng"]["python"])
+        set_numpy_rng_state(np.random, saved["rng"]["numpy"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        if device.type == "cuda" and saved["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(saved["rng"]["cuda"])
+        print(f"resumed {run_dir} at step {start}", file=sys.stderr)
+
+    stop_signal = []  # SIGTERM (Slurm pre-emption, kill) or SIGINT (Ctrl-C): finish the step, checkpoint, exit
+
+    def request_stop(signum, frame):
+        stop_signal.append(signal.Signals(signum).name)
+        signal.signal(signum, signal.SIG_DFL)  # a second one stops at once; the last checkpoint stays whole
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    finite = torch.ones((), dtype=torch.bool, device=device)  # all losses and Q values since the last check
+    last_checkpoint = f"{checkpoint.dir} (step {start})" if saved is not None else None
+
+    def check_finite(step: int) -> None:
+        """NaN/Inf guard: checked (one sync) when logging and before every checkpoint, so none holds a NaN."""
+        if not finite:
+            bad = [f"{k} ({v.item():.4g})" for k, v in metrics.items() if not torch.isfinite(v)] or ["a loss"]
+            where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
+            fail(f"non-finite {', '.join(bad)} by step {step}; {where} (--resume it with, e.g., a lower --critic-lr)")
+
     start_time, start_step = time.time(), None
-    pbar = tqdm(range(0, args.total_timesteps, args.action_repeat), unit="step", unit_scale=args.action_repeat)
+    pbar = tqdm(range(start, args.total_timesteps, args.action_repeat), unit="step", unit_scale=args.action_repeat,
+                initial=start // args.action_repeat, total=args.total_timesteps // args.action_repeat)  # fmt: skip
     for global_step in pbar:
         # ALGO LOGIC: put action logic here
         if global_step < args.learning_starts:
@@ -686,8 +948,10 @@ if __name__ == "__main__":
             for _ in range(args.utd_ratio):
                 metrics = update(rb.sample_indices(args.batch_size))
                 actor_scheduler.step()
+                finite &= torch.stack(list(metrics.values())).isfinite().all()  # no sync
 
             if (global_step // args.action_repeat) % 100 == 0:
+                check_finite(global_step)
                 for key, value in metrics.items():
                     writer.add_scalar(key, value.item(), global_step)
                 writer.add_scalar("charts/actor_lr", actor_optimizer.param_groups[0]["lr"], global_step)
@@ -700,18 +964,32 @@ if __name__ == "__main__":
         # every eval_interval steps, and once more at the end, so every run reports its final policy
         if steps_done % args.eval_interval < args.action_repeat or steps_done >= args.total_timesteps:
             eval_start = time.time()
-            returns = evaluate(eval_envs, denoiser, schedule, args, device)
+            gpus = [torch.cuda.current_device()] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=gpus):  # evaluating never moves the training's random numbers
+                returns = evaluate(eval_envs, denoiser, schedule, args, device)
+                probe_actions = ddpm_sample(denoiser, schedule, probe_obs.expand(1000, -1), args.ddpm_temperature,
+                                            args.clip_sampler).cpu()  # fmt: skip
             start_time += time.time() - eval_start  # SPS counts training steps/s, not evaluation time
             writer.add_scalar("eval/episodic_return", returns.mean(), steps_done)
             writer.add_scalar("eval/episodic_return_std", returns.std(), steps_done)
-            probe_actions = ddpm_sample(denoiser, schedule, probe_obs.expand(1000, -1), args.ddpm_temperature,
-                                        args.clip_sampler).cpu()  # fmt: skip
             for dim in range(action_dim):
                 writer.add_histogram(f"eval/action_dim_{dim}", probe_actions[:, dim], steps_done)
             pbar.write(f"step {steps_done}: eval return {returns.mean():.1f} +- {returns.std():.1f}")
 
-    if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.pt"
+        checkpoint_due = args.checkpoint_interval and steps_done % args.checkpoint_interval < args.action_repeat
+        if checkpoint_due or stop_signal or (args.checkpoint_interval and steps_done >= args.total_timesteps):
+            if global_step >= args.learning_starts:
+                check_finite(global_step)
+            checkpoint.save(training_state(steps_done), rb, steps_done)
+            last_checkpoint = f"{checkpoint.dir} (step {steps_done})"
+            if stop_signal:
+                pbar.close()
+                print(f"{stop_signal[0]} at step {steps_done}: checkpoint written to {checkpoint.dir}; continue with "
+                      f"python {sys.argv[0]} --resume {run_dir}", file=sys.stderr)  # fmt: skip
+                break
+
+    if args.save_model and not stop_signal:
+        model_path = f"{run_dir}/{args.exp_name}.pt"
         save_checkpoint(
             model_path,
             {
