@@ -690,7 +690,7 @@ class Checkpoint:
         try:
             return torch.load(os.path.join(self.dir, "state.pt"), map_location="cpu", weights_only=True)
         except Exception as error:  # truncated, corrupt or not a checkpoint at all
-            raise CheckpointError(f"--resume: {self.dir}/state.pt is unreadable ({type(error).__name__}); "
+            raise CheckpointError(f"--resume: {self.dir}/state.pt is truncated or corrupt ({type(error).__name__}); "
                                   "resume from another checkpoint") from None  # fmt: skip
 
     def load_buffer(self, buffer: dict, rb: ReplayBuffer) -> None:
@@ -699,7 +699,7 @@ class Checkpoint:
                 rows = torch.load(os.path.join(self.dir, name), weights_only=True)
             except Exception as error:
                 raise CheckpointError(
-                    f"--resume: buffer file {self.dir}/{name} is unreadable ({type(error).__name__})"
+                    f"--resume: {self.dir}/{name} is truncated or corrupt ({type(error).__name__})"
                 ) from None
             rb.rows[c * buffer["chunk_rows"] : c * buffer["chunk_rows"] + len(rows)] = rows.to(rb.rows.device)
         rb.added = buffer["added"]
@@ -737,6 +737,9 @@ def resume_args(args: Args) -> tuple[Args, Checkpoint, dict]:
             changed.append(f"{flag} {value} (was {was})")
     if changed:
         print(f"note: resuming with {', '.join(changed)}: the run no longer continues exactly", file=sys.stderr)
+    for name in state["buffer"]["chunks"].values():
+        if not os.path.isfile(os.path.join(checkpoint.dir, name)):
+            raise CheckpointError(f"--resume: {checkpoint.dir}/{name}, part of the checkpoint, is missing")
     if args.total_timesteps < state["global_step"]:
         raise CheckpointError(f"--resume: the checkpoint is at step {state['global_step']}, past --total-timesteps "
                               f"{args.total_timesteps}; raise --total-timesteps to train on")  # fmt: skip
