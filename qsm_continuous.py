@@ -416,7 +416,8 @@ class ReplayBuffer:
     transition in one preallocated tensor: adding is one host-to-device copy, sampling one gather."""
 
     def __init__(self, capacity: int, obs_dim: int, action_dim: int, device: torch.device | str = "cpu"):
-        self.rows = torch.zeros(capacity, 2 * obs_dim + action_dim + 2, device=device)
+        # empty, not zeros: rows past `size` are never read, and on the CPU pages never written take no memory
+        self.rows = torch.empty(capacity, 2 * obs_dim + action_dim + 2, device=device)
         self.sizes = (obs_dim, action_dim, 1, obs_dim, 1)  # the columns of s, a, r, s', mask
         self.obs, self.actions, self.rewards, self.next_obs, self.masks = self.split(self.rows)
         self.capacity, self.pos, self.size, self.added = capacity, 0, 0, 0
@@ -819,6 +820,9 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if args.cuda else "cpu")
+    if args.bf16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        print("warning: this CPU has no bfloat16 matrix instructions; --bf16 runs slower than float32 here",
+              file=sys.stderr)  # fmt: skip
 
     # environment setup: the task seeded with the run's seed, the eval tasks with others
     env = DMCEnv(args.env_id, args.seed, args.action_repeat)
@@ -831,7 +835,7 @@ if __name__ == "__main__":
         obs_dim, action_dim, args, device
     )
     schedule = DiffusionSchedule(args.beta_schedule, args.T, device)
-    rb = ReplayBuffer(args.buffer_size, obs_dim, action_dim, device)  # untouched rows cost no memory on the CPU
+    rb = ReplayBuffer(args.buffer_size, obs_dim, action_dim, device)
 
     if args.compile:
         # Rebinds the module's names, so the updates, acting and evaluation all call the compiled versions. Only the
