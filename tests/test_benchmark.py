@@ -1,0 +1,105 @@
+"""benchmark.sh: the summary of TensorBoard files, the Slurm script, and a small local grid."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(*args, timeout=600):
+    # benchmark.sh runs `python`: this interpreter's, as in an activated virtual environment
+    env = {**os.environ, "MUJOCO_GL": "disable", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run(["bash", str(ROOT / "benchmark.sh"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)  # fmt: skip
+
+
+def fake_run(out, env_id, seed, evals, sps):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out / "runs" / f"{env_id}__qsm_continuous__{seed}__1700000000"))
+    for step, value in evals:
+        writer.add_scalar("eval/episodic_return", value, step)
+    for i, value in enumerate(sps):
+        writer.add_scalar("charts/SPS", value, 100 * (i + 1))
+    writer.close()
+
+
+def test_summary_of_synthetic_runs(tmp_path):
+    fake_run(tmp_path, "cheetah-run", 1, [(1000, 100.0), (2000, 300.0)], [10.0, 30.0])
+    fake_run(tmp_path, "cheetah-run", 2, [(1000, 600.0), (2000, 500.0)], [20.0])
+    fake_run(tmp_path, "walker-walk", 1, [(1000, 50.0)], [])
+    result = bench("summary", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["env_id"]: row for row in csv.DictReader(open(tmp_path / "results.csv"))}
+    cheetah = rows["cheetah-run"]
+    # final: 300 and 500 -> 400 +- 100 (population std); best: 300 and 600 -> 450 +- 150; SPS: median of medians 20, 20
+    assert float(cheetah["final_mean"]) == 400 and float(cheetah["final_std"]) == 100
+    assert float(cheetah["best_mean"]) == 450 and float(cheetah["best_std"]) == 150
+    assert cheetah["seeds"] == "1 2" and cheetah["steps"] == "2000" and float(cheetah["sps"]) == 20
+    assert float(rows["walker-walk"]["final_mean"]) == 50 and rows["walker-walk"]["seeds"] == "1"
+    table = (tmp_path / "results.md").read_text()
+    assert "| cheetah-run | 1 2 | 2000 | 400.0 ± 100.0 | 450.0 ± 150.0 | 20.0 | 595 / 730 | 542 / 596 |" in table
+    assert "TD-MPC2's published result files" in table and "Spinning Up" in table
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_without_runs_is_one_line(tmp_path):
+    result = bench("summary", str(tmp_path))
+    assert result.returncode == 1 and result.stderr == f"error: no runs with evaluations under {tmp_path}/runs/\n"
+
+
+def test_slurm_dry_run_prints_a_valid_array_script(tmp_path):
+    result = bench("--slurm", "--dry-run", "--out", str(tmp_path), "--", "--total-timesteps", "5000")
+    assert result.returncode == 0, result.stderr[-3000:]
+    script = result.stdout
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid bash
+    assert "#SBATCH --array=0-17" in script and "#SBATCH --requeue" in script  # 6 tasks x 3 seeds
+    envs = script.split("ENV_IDS=(")[1].split(")")[0].split()
+    seeds = script.split("SEEDS=(")[1].split(")")[0].split()
+    assert len(envs) == len(seeds) == 18 and envs.count("hopper-hop") == 3 and seeds[:3] == ["1", "2", "3"]
+    assert "--total-timesteps 5000" in script and "--resume" in script
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def test_dry_run_resumes_runs_that_have_a_checkpoint(tmp_path):
+    checkpoint = tmp_path / "runs" / "cartpole-balance__qsm_continuous__2__1700000000" / "checkpoint"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.pt").write_bytes(b"")
+    result = bench("--dry-run", "--env-ids", "cartpole-balance", "--seeds", "1", "2", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = result.stdout.splitlines()
+    assert "--seed 1" in first and "--resume" not in first
+    assert "--seed 2 --resume runs/cartpole-balance__qsm_continuous__2__1700000000" in second
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--env-ids", "cheetah_run"], "error: --env-ids 'cheetah_run' is not a dm_control task; valid ids: acrobot"),
+        (["--workers", "0"], "error: --workers must be >= 1, got 0"),
+        (["--", "--seed", "3"], "error: --seed after -- is set by benchmark.sh itself; use --env-ids / --seeds"),
+    ],
+)
+def test_bad_grid_input_is_one_line(args, expected):
+    result = bench(*args, "--dry-run")
+    assert result.returncode == 1 and result.stderr.startswith(expected) and result.stderr.count("\n") == 1
+
+
+def test_local_grid_runs_seeds_in_parallel_and_summarises(tmp_path):
+    flags = ["--total-timesteps", "600", "--learning-starts", "500", "--eval-interval", "300", "--eval-episodes", "1"]
+    flags += ["--critic-hidden-dims", "64", "64", "--actor-hidden-dims", "64", "64"]
+    result = bench("--env-ids", "cartpole-balance", "--seeds", "1", "2", "--workers", "2", "--out", str(tmp_path),
+                   "--", *flags)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "2 runs, 2 at a time, 1 core(s) each" in result.stdout
+    logs = sorted(p.name for p in (tmp_path / "runs").glob("*.log"))
+    assert logs == ["cartpole-balance__seed1.log", "cartpole-balance__seed2.log"]
+    assert len([p for p in (tmp_path / "runs").iterdir() if p.is_dir()]) == 2
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert len(rows) == 1 and rows[0]["seeds"] == "1 2" and rows[0]["steps"] == "600"
+    assert (tmp_path / "results.md").exists() and (tmp_path / "curves.png").exists()
