@@ -375,8 +375,40 @@ def summarize(out):
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines))
     plot(out, runs)
+    pictures = [plot_actions(out, run_dir) for run_dir in sorted(glob.glob(os.path.join(out, "runs", "*__*__*__*")))]
     print("\n".join(lines))
-    print(f"wrote {out}/results.md, {out}/results.csv, {out}/curves.png")
+    print(f"wrote {out}/results.md, {out}/results.csv, {out}/curves.png and {sum(map(bool, pictures))} actions_*.png")
+
+
+def plot_actions(out, run_dir):
+    """The policy's action distribution at the fixed probe state at the run's last evaluation (paper, Figure 4)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir, size_guidance={"histograms": 0})
+    acc.Reload()
+    tags = sorted((t for t in acc.Tags()["histograms"] if t.startswith("eval/action_dim_")), key=lambda t: int(t[16:]))
+    if not tags:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tags), figsize=(2.2 * len(tags) + 1, 2.4), squeeze=False)
+    for ax, tag in zip(axes[0], tags, strict=True):
+        event = acc.Histograms(tag)[-1]
+        h = event.histogram_value
+        # TensorBoard's buckets are uneven; re-bin them, each at its upper limit (clipped to the sample's range)
+        values = [min(max(limit, h.min), h.max) for limit in h.bucket_limit]
+        ax.hist(values, bins=40, range=(-1.0, 1.0), weights=h.bucket)
+        ax.set(title=f"action {tag[16:]}", xlim=(-1.05, 1.05), yticks=[])
+    name = os.path.basename(run_dir)
+    fig.suptitle(f"{name}: 1,000 actions sampled at one initial state, step {event.step}", fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out, f"actions_{name}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot(out, runs):

@@ -1,10 +1,11 @@
 # Q-score matching (QSM): Psenka, Escontrela, Abbeel, Ma, "Learning a Diffusion Model Policy from Rewards via
 # Q-Score Matching", ICML 2024, https://arxiv.org/abs/2312.11752. Usage and metrics: README.md.
 import os
+import sys
 
-# No rendering happens here; without this, dm_control probes for an X display at import and warns.
-# Set MUJOCO_GL=egl (GPU) or MUJOCO_GL=osmesa (CPU) yourself to render.
-os.environ.setdefault("MUJOCO_GL", "disable")
+# Read by dm_control at import. Without video nothing renders, and "disable" keeps it from probing for an X display;
+# --capture-video renders headless through EGL (a GPU's, or Mesa's on the CPU); MUJOCO_GL=osmesa also works.
+os.environ.setdefault("MUJOCO_GL", "egl" if "--capture-video" in sys.argv else "disable")
 
 import dataclasses
 import itertools
@@ -12,7 +13,6 @@ import math
 import random
 import signal
 import socket
-import sys
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -45,6 +45,10 @@ class Args:
     """the entity (team) of wandb's project"""
     save_model: bool = False
     """save the networks, optimisers and args to `runs/{run_name}/{exp_name}.pt` at the end"""
+    capture_video: bool = False
+    """film the first episode of every evaluation to `videos/{run_name}/step_{N}.mp4` (and to wandb with --track)"""
+    evaluate_model: str | None = None
+    """no training: load a --save-model file or a checkpoint and run --eval-episodes evaluation episodes"""
     checkpoint_interval: int = 100_000
     """write the whole training state to `runs/{run_name}/checkpoint/` every this many steps, at the end and on
     SIGTERM/SIGINT (0: only on a signal)"""
@@ -207,6 +211,10 @@ class DMCEnv:
             if time_step.last():
                 break
         return flatten_observation(time_step.observation), float(reward), float(time_step.discount), time_step.last()
+
+    def render(self) -> np.ndarray:
+        """The task's first camera as a (240, 320, 3) uint8 frame."""
+        return self.env.physics.render(height=240, width=320, camera_id=0)
 
     def get_state(self) -> dict:
         """Everything that decides the future of this task: MuJoCo's full integration state (warm start included),
@@ -605,7 +613,7 @@ class CudaGraph:
         return self.outputs
 
 
-def evaluate(envs: list[DMCEnv], denoiser, schedule, args: Args, device) -> np.ndarray:
+def evaluate(envs: list[DMCEnv], denoiser, schedule, args: Args, device, frames: list | None = None) -> np.ndarray:
     """One full episode in each eval env, side by side (one batched DDPM sample per step), no exploration noise.
 
     Eval env i is reseeded with seed + 10000 + i first: every evaluation starts from the same initial states, so
@@ -616,6 +624,8 @@ def evaluate(envs: list[DMCEnv], denoiser, schedule, args: Args, device) -> np.n
     returns = np.zeros(len(envs))
     running = np.ones(len(envs), dtype=bool)
     while running.any():
+        if frames is not None and running[0]:  # film the first episode
+            frames.append(envs[0].render())
         obs_t = torch.as_tensor(obs[running], device=device)
         with autocast(obs_t.device, args):
             actions = ddpm_sample(denoiser, schedule, obs_t, args.ddpm_temperature, args.clip_sampler)
@@ -713,6 +723,40 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def write_video(path: str, frames: list, env: DMCEnv) -> None:
+    import imageio  # only with --capture-video
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fps = min(60, round(1 / (env.env.control_timestep() * env.action_repeat)))
+    imageio.mimwrite(path, frames, fps=fps, macro_block_size=8)
+
+
+def evaluate_model(args: Args) -> None:
+    """--evaluate-model PATH: the saved policy, --eval-episodes episodes (the usual eval seeds), no training."""
+    path = args.evaluate_model
+    try:
+        state = torch.load(Checkpoint.find(path) + "/state.pt" if os.path.isdir(path) else path, map_location="cpu",
+                           weights_only=True)  # fmt: skip
+        saved = Args(**state["args"])
+    except Exception as error:  # missing, truncated, or not one of this script's files
+        fail(f"--evaluate-model {path}: not a readable --save-model file or checkpoint ({type(error).__name__})")
+    device = torch.device("cuda" if args.cuda else "cpu")
+    args = dataclasses.replace(saved, cuda=args.cuda, eval_episodes=args.eval_episodes, seed=args.seed,
+                               capture_video=args.capture_video, cudagraphs=False)  # fmt: skip
+    envs = [DMCEnv(args.env_id, args.seed + 10_000 + i, args.action_repeat) for i in range(args.eval_episodes)]
+    denoiser = Denoiser(envs[0].obs_dim, envs[0].action_dim, args.actor_hidden_dims).to(device)
+    denoiser.load_state_dict(state["denoiser"])
+    frames = [] if args.capture_video else None
+    torch.manual_seed(args.seed)
+    returns = evaluate(envs, denoiser, DiffusionSchedule(args.beta_schedule, args.T, device), args, device, frames)
+    print(f"{args.env_id}: eval return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes "
+          f"({', '.join(f'{r:.1f}' for r in returns)})")  # fmt: skip
+    if frames:
+        name = os.path.basename(os.path.dirname(os.path.abspath(path))) if os.path.isfile(path) else path.strip("/")
+        write_video(f"videos/{name}/evaluate.mp4", frames, envs[0])
+        print(f"video: videos/{name}/evaluate.mp4")
+
+
 # LONG RUNS: resume, checkpoints, offline tracking
 RESUME_FIXED = ("env_id", "seed", "action_repeat", "buffer_size", "critic_hidden_dims", "actor_hidden_dims")
 
@@ -775,6 +819,9 @@ if __name__ == "__main__":
     problem = check_args(args)
     if problem:
         fail(problem)
+    if args.evaluate_model:
+        evaluate_model(args)
+        sys.exit(0)
 
     # TRY NOT TO MODIFY: logging, seeding, devices
     from absl import logging as absl_logging
@@ -973,7 +1020,8 @@ if __name__ == "__main__":
             eval_start = time.time()
             gpus = [torch.cuda.current_device()] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=gpus):  # evaluating never moves the training's random numbers
-                returns = evaluate(eval_envs, denoiser, schedule, args, device)
+                frames = [] if args.capture_video else None
+                returns = evaluate(eval_envs, denoiser, schedule, args, device, frames)
                 probe_actions = ddpm_sample(denoiser, schedule, probe_obs.expand(1000, -1), args.ddpm_temperature,
                                             args.clip_sampler).cpu()  # fmt: skip
             start_time += time.time() - eval_start  # SPS counts training steps/s, not evaluation time
@@ -982,6 +1030,11 @@ if __name__ == "__main__":
             for dim in range(action_dim):
                 writer.add_histogram(f"eval/action_dim_{dim}", probe_actions[:, dim], steps_done)
             pbar.write(f"step {steps_done}: eval return {returns.mean():.1f} +- {returns.std():.1f}")
+            if frames:
+                video = f"videos/{run_name}/step_{steps_done}.mp4"
+                write_video(video, frames, eval_envs[0])
+                if args.track:
+                    wandb.log({"videos/eval": wandb.Video(video, format="mp4")})
 
         checkpoint_due = args.checkpoint_interval and steps_done % args.checkpoint_interval < args.action_repeat
         if checkpoint_due or stop_signal or (args.checkpoint_interval and steps_done >= args.total_timesteps):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +27,8 @@ def fake_run(out, env_id, seed, evals, sps):
         writer.add_scalar("eval/episodic_return", value, step)
     for i, value in enumerate(sps):
         writer.add_scalar("charts/SPS", value, 100 * (i + 1))
+    for dim in range(2):
+        writer.add_histogram(f"eval/action_dim_{dim}", np.r_[np.full(700, -1.0), np.full(300, 0.5)], evals[-1][0])
     writer.close()
 
 
@@ -46,6 +49,9 @@ def test_summary_of_synthetic_runs(tmp_path):
     assert "| cheetah-run | 1 2 | 2000 | 400.0 ± 100.0 | 450.0 ± 150.0 | 20.0 | 595 / 730 | 542 / 596 |" in table
     assert "TD-MPC2's published result files" in table and "Spinning Up" in table
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pictures = sorted(p.name for p in tmp_path.glob("actions_*.png"))  # one action-distribution picture per run
+    assert pictures == [f"actions_{e}__qsm_continuous__{s}__1700000000.png" for e, s in
+                        [("cheetah-run", 1), ("cheetah-run", 2), ("walker-walk", 1)]]  # fmt: skip
 
 
 def test_summary_without_runs_is_one_line(tmp_path):

@@ -14,9 +14,9 @@ SCRIPT = ROOT / "qsm_continuous.py"
 SMALL = ["--critic-hidden-dims", "64", "64", "--actor-hidden-dims", "64", "64"]
 
 
-def run_script(args, cwd, timeout=900):
+def run_script(args, cwd, timeout=900, gl="disable"):
     # one thread: these runs use small networks, and two runs never fight over the cores
-    env = {**os.environ, "MUJOCO_GL": "disable", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MUJOCO_GL": gl, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
     )
@@ -193,3 +193,49 @@ def test_help_documents_every_flag(qsm, tmp_path):
     for field in dataclasses.fields(qsm.Args):
         assert f"--{field.name.replace('_', '-')}" in result.stdout, field.name
     assert "the QSM scale alpha" in result.stdout and "diffusion steps" in result.stdout
+
+
+def _can_render():
+    probe = "from dm_control import suite; suite.load('cartpole', 'swingup').physics.render(24, 32)"
+    env = {**os.environ, "MUJOCO_GL": "egl"}
+    return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, timeout=120).returncode == 0
+
+
+@pytest.mark.skipif(not _can_render(), reason="no headless OpenGL (EGL) on this machine: see README, Videos")
+def test_capture_video_and_evaluate_a_saved_model(tmp_path):
+    args = ["--env-id", "cartpole-swingup", "--total-timesteps", "800", "--learning-starts", "600"]
+    args += [
+        "--action-repeat",
+        "4",
+        "--eval-interval",
+        "400",
+        "--eval-episodes",
+        "1",
+        "--capture-video",
+        "--save-model",
+    ]
+    args += SMALL  # action repeat 4: episodes of 250 frames, rendered on the CPU
+    result = run_script(args, tmp_path, gl="egl")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    videos = tmp_path / "videos" / run_dir.name
+    for name in ("step_400.mp4", "step_800.mp4"):
+        data = (videos / name).read_bytes()
+        assert data[4:8] == b"ftyp" and len(data) > 10_000  # an MP4 of a 250-frame episode
+    model = run_dir / "qsm_continuous.pt"
+    evaluated = run_script(["--evaluate-model", str(model), "--eval-episodes", "2", "--capture-video"], tmp_path,
+                           gl="egl")  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert evaluated.stdout.startswith("cartpole-swingup: eval return") and "over 2 episodes" in evaluated.stdout
+    assert (videos / "evaluate.mp4").read_bytes()[4:8] == b"ftyp"
+    assert not list((tmp_path / "runs").glob("*/events*2"))  # evaluating trains nothing and logs nothing
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+
+
+def test_evaluate_model_rejects_a_non_model(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    result = run_script(["--evaluate-model", str(tmp_path / "junk.pt")], tmp_path, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith(
+        f"error: --evaluate-model {tmp_path}/junk.pt: not a readable"
+    )
+    assert result.stderr.count("\n") == 1
