@@ -7,7 +7,7 @@
 #
 # grid (the default): trains qsm_continuous.py for every env id x seed (defaults: the paper's six DMC tasks, seeds
 # 1 2 3), FLAGS (everything after --) passed to every run. Locally through a pool of --workers runs (default: one
-# per 2 cores), each pinned to its share of the cores; each run's log is kept beside its TensorBoard directory in
+# per core), each pinned to its share of the cores; each run's log is kept beside its TensorBoard directory in
 # DIR/runs/ (default DIR: runs/benchmark). A run that has a checkpoint in DIR resumes it (--resume). --slurm writes
 # DIR/qsm_array.sbatch, an array job of one task per env x seed that requeues on pre-emption and resumes from the
 # checkpoint, and submits it with sbatch; --dry-run prints the script or the commands instead. Then the summary.
@@ -226,7 +226,7 @@ def parse():
     parser.add_argument("--summary-only", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--env-ids", nargs="+", default=PAPER_TASKS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) // 2))
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--out", default="runs/benchmark")
     parser.add_argument("--slurm", action="store_true")
     parser.add_argument("--dry-run", action="store_true")
