@@ -11,20 +11,21 @@
 # DIR/runs/ (default DIR: runs/benchmark). A run that has a checkpoint in DIR resumes it (--resume). --slurm writes
 # DIR/qsm_array.sbatch, an array job of one task per env x seed that requeues on pre-emption and resumes from the
 # checkpoint, and submits it with sbatch; --dry-run prints the script or the commands instead. Then the summary.
-# summary: reads DIR/runs/*/ TensorBoard files and writes DIR/results.md, DIR/results.csv and DIR/curves.png
-# (eval return vs environment steps, mean and min-max over seeds, with SAC and TD3 reference returns).
+# summary: reads DIR/runs/*/ TensorBoard files and writes DIR/results.md, DIR/results.csv, DIR/curves.png (eval
+# return vs environment steps, mean and min-max over seeds, with SAC and TD3 reference returns) and, per run,
+# DIR/actions_{run}.png (the policy's action distribution at a fixed initial state at its last evaluation).
 # speed: measures; asserts nothing. For each env id and mode, (1) trains the real script in a subprocess for
 # --steps learning-phase steps and reads the wall times of its TensorBoard loss events, every 100 steps: training
 # steps/s (act + env step + update) is the median over those windows, the first two dropped as warm-up; (2) times
 # the pieces in this process: updates/s (critic step + score step) and acting steps/s (one DDPM sample of a single
 # state), medians over windows. Also the time to the first update (compilation included) and the peak resident
 # memory of the training process. Modes: `eager`, or the script's speed flags joined by `+`: compile, bf16,
-# cudagraphs (CUDA only), e.g. compile+cudagraphs+bf16. Default: eager compile bf16 compile+bf16, and with --cuda
-# also cudagraphs, compile+cudagraphs and compile+cudagraphs+bf16.
+# cudagraphs (CUDA only), e.g. compile+cudagraphs+bf16. Default: eager compile, and with --cuda also cudagraphs,
+# compile+cudagraphs and compile+cudagraphs+bf16 (bf16 on a CPU only where it has bf16 instructions: README).
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
 
 case "${1:-}" in
 speed)
@@ -56,7 +57,7 @@ if opts.cuda and not torch.cuda.is_available():
     sys.exit("error: --cuda was given but torch sees no CUDA device")
 if opts.steps < 500:
     sys.exit("error: --steps must be at least 500 (5 windows of 100 steps, 2 of them warm-up)")
-opts.modes = opts.modes or ["eager", "compile", "bf16", "compile+bf16"] + (
+opts.modes = opts.modes or ["eager", "compile"] + (
     ["cudagraphs", "compile+cudagraphs", "compile+cudagraphs+bf16"] if opts.cuda else []
 )
 for mode in opts.modes:
