@@ -395,7 +395,7 @@ def plot_actions(out, run_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(tags), figsize=(2.2 * len(tags) + 1, 2.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tags), figsize=(max(5.0, 2.2 * len(tags) + 1), 2.4), squeeze=False)
     for ax, tag in zip(axes[0], tags, strict=True):
         event = acc.Histograms(tag)[-1]
         h = event.histogram_value
@@ -404,7 +404,7 @@ def plot_actions(out, run_dir):
         ax.hist(values, bins=40, range=(-1.0, 1.0), weights=h.bucket)
         ax.set(title=f"action {tag[16:]}", xlim=(-1.05, 1.05), yticks=[])
     name = os.path.basename(run_dir)
-    fig.suptitle(f"{name}: 1,000 actions sampled at one initial state, step {event.step}", fontsize=8)
+    fig.suptitle(f"{name}\n1,000 actions sampled at one initial state, step {event.step}", fontsize=7)
     fig.tight_layout()
     path = os.path.join(out, f"actions_{name}.png")
     fig.savefig(path, dpi=110)
@@ -432,7 +432,7 @@ def plot(out, runs):
             ax.axhline(at500k, color=f"C{k + 1}", linestyle="--", label=f"{name} @500k: {at500k}")
             ax.axhline(at1m, color=f"C{k + 1}", linestyle=":", label=f"{name} @1M: {at1m}")
         ax.set(title=env_id, xlabel="environment steps", ylabel="eval return", ylim=(0, 1000))
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.suptitle(f"mean and min-max over seeds; dashed/dotted: {SOURCES}", fontsize=8)
