@@ -322,11 +322,16 @@ exec {shlex.quote(sys.executable)} {shlex.quote(SCRIPT)} --env-id "$env_id" --se
 """
 
 
-def read_run(run_dir):
+def load_run(run_dir):
+    """The run's TensorBoard files, read once (scalars and histograms, nothing dropped)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()
+    return acc
+
+
+def read_run(acc):
     tags = acc.Tags()["scalars"]
     evals = [(e.step, e.value) for e in acc.Scalars("eval/episodic_return")] if "eval/episodic_return" in tags else []
     sps = [e.value for e in acc.Scalars("charts/SPS")] if "charts/SPS" in tags else []
@@ -338,12 +343,13 @@ def mean_std(values):
 
 
 def summarize(out):
-    runs = {}
+    runs, accumulators = {}, {}
     for run_dir in sorted(glob.glob(os.path.join(out, "runs", "*__*__*__*"))):
         if not os.path.isdir(run_dir):
             continue
         env_id, _, seed, _ = os.path.basename(run_dir).rsplit("__", 3)
-        evals, sps = read_run(run_dir)
+        accumulators[run_dir] = load_run(run_dir)
+        evals, sps = read_run(accumulators[run_dir])
         if evals:
             runs.setdefault(env_id, {})[int(seed)] = (evals, sps)
     if not runs:
@@ -376,17 +382,13 @@ def summarize(out):
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines))
     plot(out, runs)
-    pictures = [plot_actions(out, run_dir) for run_dir in sorted(glob.glob(os.path.join(out, "runs", "*__*__*__*")))]
+    pictures = [plot_actions(out, run_dir, acc) for run_dir, acc in accumulators.items()]
     print("\n".join(lines))
     print(f"wrote {out}/results.md, {out}/results.csv, {out}/curves.png and {sum(map(bool, pictures))} actions_*.png")
 
 
-def plot_actions(out, run_dir):
+def plot_actions(out, run_dir, acc):
     """The policy's action distribution at the fixed probe state at the run's last evaluation (paper, Figure 4)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(run_dir, size_guidance={"histograms": 0})
-    acc.Reload()
     tags = sorted((t for t in acc.Tags()["histograms"] if t.startswith("eval/action_dim_")), key=lambda t: int(t[16:]))
     if not tags:
         return None

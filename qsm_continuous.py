@@ -428,7 +428,15 @@ class ReplayBuffer:
         self.rows = torch.empty(capacity, 2 * obs_dim + action_dim + 2, device=device)
         self.sizes = (obs_dim, action_dim, 1, obs_dim, 1)  # the columns of s, a, r, s', mask
         self.obs, self.actions, self.rewards, self.next_obs, self.masks = self.split(self.rows)
-        self.capacity, self.pos, self.size, self.added = capacity, 0, 0, 0
+        self.capacity, self.added = capacity, 0  # transitions ever added; position and fill follow from it
+
+    @property
+    def pos(self) -> int:  # the row the next transition overwrites
+        return self.added % self.capacity
+
+    @property
+    def size(self) -> int:
+        return min(self.added, self.capacity)
 
     def split(self, rows: torch.Tensor) -> Batch:
         obs, actions, rewards, next_obs, masks = torch.split(rows, self.sizes, dim=-1)
@@ -438,7 +446,6 @@ class ReplayBuffer:
         row = np.concatenate([obs, action, [reward], next_obs, [mask]], dtype=np.float32)
         self.rows[self.pos] = torch.from_numpy(row)
         self.added += 1
-        self.pos, self.size = self.added % self.capacity, min(self.added, self.capacity)
 
     def sample_indices(self, batch_size: int) -> torch.Tensor:
         return torch.randint(0, self.size, (batch_size,), device=self.rows.device)
@@ -714,7 +721,6 @@ class Checkpoint:
                 ) from None
             rb.rows[c * buffer["chunk_rows"] : c * buffer["chunk_rows"] + len(rows)] = rows.to(rb.rows.device)
         rb.added = buffer["added"]
-        rb.pos, rb.size = rb.added % rb.capacity, min(rb.added, rb.capacity)
         self.chunks, self.saved_added = dict(buffer["chunks"]), rb.added
 
 
@@ -900,18 +906,24 @@ if __name__ == "__main__":
     if args.cudagraphs:
         update, policy = CudaGraph(update), CudaGraph(policy)
 
-    def training_state(next_step: int) -> dict:
-        """Everything a run needs to go on exactly as if never stopped; the replay buffer is saved beside it."""
+    def agent_state() -> dict:
+        """The args, networks and optimisers: the --save-model file, and the core of every checkpoint."""
         return {
             "args": vars(args),
-            "global_step": next_step,
-            "wandb_id": wandb.run.id if args.track else None,
             "critic": critic.state_dict(),
             "critic_target": critic_target.state_dict(),
             "denoiser": denoiser.state_dict(),
             "critic_optimizer": critic_optimizer.state_dict(),
             "actor_optimizer": actor_optimizer.state_dict(),
             "actor_scheduler": actor_scheduler.state_dict(),
+        }
+
+    def training_state(next_step: int) -> dict:
+        """Everything a run needs to go on exactly as if never stopped; the replay buffer is saved beside it."""
+        return {
+            **agent_state(),
+            "global_step": next_step,
+            "wandb_id": wandb.run.id if args.track else None,
             "env": env.get_state(),
             "episode": {
                 "obs": torch.from_numpy(obs),
@@ -1050,19 +1062,7 @@ if __name__ == "__main__":
 
     if args.save_model and not stop_signal:
         model_path = f"{run_dir}/{args.exp_name}.pt"
-        save_checkpoint(
-            model_path,
-            {
-                "args": vars(args),
-                "critic": critic.state_dict(),
-                "critic_target": critic_target.state_dict(),
-                "denoiser": denoiser.state_dict(),
-                "critic_optimizer": critic_optimizer.state_dict(),
-                "actor_optimizer": actor_optimizer.state_dict(),
-                "actor_scheduler": actor_scheduler.state_dict(),
-                "global_step": args.total_timesteps,
-            },
-        )
+        save_checkpoint(model_path, {**agent_state(), "global_step": args.total_timesteps})
         print(f"model saved to {model_path}")
 
     writer.close()
