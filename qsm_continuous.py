@@ -273,7 +273,8 @@ class TwinCritic(nn.Module):
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """(B, S), (B, A) -> Q values (num_q, B)."""
-        return torch.baddbmm(self.biases[-1], self.hidden(obs, actions)[-1], self.weights[-1]).squeeze(-1)
+        # Q = h_L . w + b as a product and a sum, not a 1-column matmul: compiled, it fuses into the last layer's kernel
+        return (self.hidden(obs, actions)[-1] * self.weights[-1].transpose(1, 2)).sum(-1) + self.biases[-1].squeeze(-1)
 
     def action_grad(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """grad_a Q_i(s, a) for every critic, (num_q, B, A); no gradient reaches the critics.
@@ -347,9 +348,13 @@ class Denoiser(nn.Module):
             x = mish(layer(x))
         return self.out(x)
 
-    def forward(self, obs: torch.Tensor, noisy_actions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """(B, S), (B, A), (B,) integer steps -> predicted noise (B, A)."""
-        return self.head(noisy_actions, self.state_part(obs), self.time_part(t.float().unsqueeze(-1)))
+    def forward(self, obs: torch.Tensor, noisy_actions: torch.Tensor, t: torch.Tensor, T: int | None = None):
+        """(B, S), (B, A), (B,) integer steps -> predicted noise (B, A). Given T (t in 0..T-1), the time MLP runs on the
+        T distinct steps and each sample takes its row: T rows of work instead of B, the same values."""
+        if T is None:
+            return self.head(noisy_actions, self.state_part(obs), self.time_part(t.float().unsqueeze(-1)))
+        time_parts = self.time_part(torch.arange(T, device=t.device, dtype=torch.float32).unsqueeze(-1))
+        return self.head(noisy_actions, self.state_part(obs), time_parts[t])
 
 
 # ALGO LOGIC: the diffusion policy
@@ -494,7 +499,7 @@ def qsm_loss(
     alpha_bar = schedule.alpha_bars_t[t].unsqueeze(-1)
     noisy_actions = alpha_bar.sqrt() * batch.actions + (1.0 - alpha_bar).sqrt() * noise  # a_t, (B, A)
     target = qsm_target(critic, batch.obs, noisy_actions, M_q)  # -M_q * grad_a Q(s, a_t), (B, A)
-    eps_pred = denoiser(batch.obs, noisy_actions, t)  # (B, A)
+    eps_pred = denoiser(batch.obs, noisy_actions, t, schedule.T)  # (B, A)
     target, eps_pred = target.float(), eps_pred.float()  # no-ops, except under --bf16
     loss = (eps_pred - target).pow(2).mean()  # eps_theta(s, a_t, t) -> -M_q * grad_a Q(s, a_t)
     return loss, target
