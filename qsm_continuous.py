@@ -353,8 +353,9 @@ class Denoiser(nn.Module):
         T distinct steps and each sample takes its row: T rows of work instead of B, the same values."""
         if T is None:
             return self.head(noisy_actions, self.state_part(obs), self.time_part(t.float().unsqueeze(-1)))
-        time_parts = self.time_part(torch.arange(T, device=t.device, dtype=torch.float32).unsqueeze(-1))
-        return self.head(noisy_actions, self.state_part(obs), time_parts[t])
+        time_parts = self.time_part(torch.arange(T, device=t.device, dtype=torch.float32).unsqueeze(-1))  # (T, H)
+        # a one-hot product, not time_parts[t]: its gradient is a matmul, free of the index's scatter-add atomics
+        return self.head(noisy_actions, self.state_part(obs), F.one_hot(t, T).to(time_parts.dtype) @ time_parts)
 
 
 # ALGO LOGIC: the diffusion policy
