@@ -20,8 +20,9 @@
 # the pieces in this process: updates/s (critic step + score step) and acting steps/s (one DDPM sample of a single
 # state), medians over windows. Also the time to the first update (compilation included) and the peak resident
 # memory of the training process. Modes: `eager`, or the script's speed flags joined by `+`: compile, bf16,
-# cudagraphs (CUDA only), e.g. compile+cudagraphs+bf16. Default: eager compile, and with --cuda also cudagraphs,
-# compile+cudagraphs and compile+cudagraphs+bf16 (bf16 on a CPU only where it has bf16 instructions: README).
+# cudagraphs (CUDA only), e.g. compile+cudagraphs+bf16. Default: eager compile, then bf16 compile+bf16 on a CPU with
+# bfloat16 matrix instructions, or with --cuda cudagraphs compile+cudagraphs compile+cudagraphs+bf16. The time to the
+# first update is measured with torch.compile's caches off (a cold compilation).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -33,6 +34,7 @@ speed)
     exec python - "$@" <<'PY'
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -57,9 +59,12 @@ if opts.cuda and not torch.cuda.is_available():
     sys.exit("error: --cuda was given but torch sees no CUDA device")
 if opts.steps < 500:
     sys.exit("error: --steps must be at least 500 (5 windows of 100 steps, 2 of them warm-up)")
-opts.modes = opts.modes or ["eager", "compile"] + (
-    ["cudagraphs", "compile+cudagraphs", "compile+cudagraphs+bf16"] if opts.cuda else []
-)
+if opts.cuda:
+    default_modes = ["eager", "compile", "cudagraphs", "compile+cudagraphs", "compile+cudagraphs+bf16"]
+else:  # bf16 only where the CPU has bfloat16 matrix instructions (elsewhere it is slower than float32)
+    bf16_cpu = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    default_modes = ["eager", "compile"] + (["bf16", "compile+bf16"] if bf16_cpu else [])
+opts.modes = opts.modes or default_modes
 for mode in opts.modes:
     if mode != "eager" and not set(mode.split("+")) <= {"compile", "bf16", "cudagraphs"}:
         sys.exit(f"error: --modes {mode!r} is unknown; use eager or flags joined by +: compile, bf16, cudagraphs")
@@ -171,8 +176,13 @@ header = "| env | mode | train steps/s | updates/s | act steps/s | s to 1st upda
 print(header + "\n|" + "---|" * (header.count("|") - 1))
 for env_id in opts.env_ids:
     for mode in opts.modes:
-        train_sps, first_update, rss = training(env_id, mode)
-        updates, acts = pieces(env_id, mode)
+        # a new, empty compile cache: the training run compiles cold (its first-update time), pieces() reuses it
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache = tempfile.mkdtemp(prefix="qsm-inductor-")
+        try:
+            train_sps, first_update, rss = training(env_id, mode)
+            updates, acts = pieces(env_id, mode)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
         print(f"| {env_id} | {mode} | {train_sps:.1f} | {updates:.1f} | {acts:.0f} | {first_update:.1f} | {rss:.0f} |")
         sys.stdout.flush()
 PY

@@ -184,3 +184,31 @@ def test_cosine_decay_matches_optax(qsm):
     assert qsm.cosine_decay(50, 100) == pytest.approx(0.5)
     assert qsm.cosine_decay(100, 100) == pytest.approx(0.0)
     assert qsm.cosine_decay(250, 100) == pytest.approx(0.0)  # stays at 0, no restart
+
+
+def test_bf16_update_tracks_float32(qsm):
+    """--bf16 runs the update's products in bfloat16 (so it is not bit-identical) yet moves the same parameters the
+    same way; parameters stay float32 and acting stays float32."""
+    schedule = qsm.DiffusionSchedule("vp", 5)
+
+    def one_update(bf16: bool):
+        args = qsm.Args(bf16=bf16, critic_hidden_dims=(64, 64), actor_hidden_dims=(64, 64), cuda=False)
+        torch.manual_seed(0)
+        critic, target, den, copt, aopt, _ = qsm.build_agent(5, 2, args, "cpu")
+        g = torch.Generator().manual_seed(1)
+        batch = qsm.Batch(torch.randn(64, 5, generator=g), torch.rand(64, 2, generator=g) * 2 - 1,
+                          torch.randn(64, generator=g), torch.randn(64, 5, generator=g), torch.ones(64))  # fmt: skip
+        params = [p for module in (critic, den) for p in module.parameters()]
+        before = torch.cat([p.detach().flatten() for p in params])
+        torch.manual_seed(5)
+        metrics = qsm.train_step(batch, critic, target, den, copt, aopt, schedule, args)
+        assert all(p.dtype == torch.float32 for p in params)
+        assert qsm.act(den, schedule, batch.obs[:1], args).dtype == torch.float32
+        return metrics, torch.cat([p.detach().flatten() for p in params]) - before
+
+    metrics32, delta32 = one_update(False)
+    metrics16, delta16 = one_update(True)
+    assert not torch.equal(delta16, delta32)  # the products really ran in bfloat16
+    assert torch.nn.functional.cosine_similarity(delta16, delta32, dim=0) > 0.95
+    for key in ("losses/qf1_loss", "losses/qf2_loss", "losses/actor_loss", "losses/td_target"):
+        torch.testing.assert_close(metrics16[key], metrics32[key], rtol=0.03, atol=1e-3, msg=key)
