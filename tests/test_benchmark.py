@@ -109,3 +109,27 @@ def test_local_grid_runs_seeds_in_parallel_and_summarises(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert len(rows) == 1 and rows[0]["seeds"] == "1 2" and rows[0]["steps"] == "600"
     assert (tmp_path / "results.md").exists() and (tmp_path / "curves.png").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--modes", "fast"], "--modes 'fast' is unknown"),
+        (["--modes", "compile+cudagraphs"], "needs --cuda"),
+        (["--steps", "100"], "--steps must be at least 500"),
+        (["--env-ids", "cheetah-walk"], "valid ids: acrobot-swingup"),
+    ],
+)
+def test_speed_bad_input_is_one_line(args, message):
+    result = bench("speed", *args, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_speed_table_from_a_real_short_run():
+    """The speed subcommand trains the real script and times the pieces: one row, every figure positive."""
+    result = bench("speed", "--env-ids", "cartpole-balance", "--modes", "eager", "--steps", "500", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("| cartpole-balance | eager |")]
+    figures = [float(x) for x in row.strip("|").split("|")[2:]]
+    assert len(figures) == 5 and all(x > 0 for x in figures), row
