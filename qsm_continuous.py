@@ -108,8 +108,7 @@ class Args:
     cudagraphs: bool = False
     """replay every update and every acting step from a CUDA graph (needs a GPU; with or without --compile)"""
     bf16: bool = False
-    """run the updates' matrix products in bfloat16 (autocast; parameters, optimisers, losses, acting and evaluation
-    stay float32)"""
+    """run the updates' matrix products in bfloat16 (autocast); weights, Adam, losses and acting stay float32"""
 
 
 BETA_SCHEDULES = ("vp", "cosine", "linear")
