@@ -21,8 +21,8 @@
 # state), medians over windows. Also the time to the first update (compilation included) and the peak resident
 # memory of the training process. Modes: `eager`, or the script's speed flags joined by `+`: compile, bf16,
 # cudagraphs (CUDA only), e.g. compile+cudagraphs+bf16. Default: eager compile, then bf16 compile+bf16 on a CPU with
-# bfloat16 matrix instructions, or with --cuda cudagraphs compile+cudagraphs compile+cudagraphs+bf16. The time to the
-# first update is measured with torch.compile's caches off (a cold compilation).
+# bfloat16 matrix instructions, or with --cuda cudagraphs compile+cudagraphs compile+cudagraphs+bf16. Each mode gets
+# a new, empty torch.compile cache: the time to the first update is a cold compilation.
 set -euo pipefail
 cd "$(dirname "$0")"
 

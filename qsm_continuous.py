@@ -338,9 +338,10 @@ class Denoiser(nn.Module):
         first = self.hidden[0]
         return F.linear(obs, first.weight[:, self.action_dim : self.action_dim + self.obs_dim], first.bias)
 
-    def time_part(self, t: torch.Tensor) -> torch.Tensor:
-        """The time's share of the first layer, W_c cond(t): (N, 1) float steps -> (N, H)."""
-        return F.linear(self.time_features(t), self.hidden[0].weight[:, self.action_dim + self.obs_dim :])
+    def time_parts(self, T: int, device: torch.device | str) -> torch.Tensor:
+        """The time's share of the first layer, W_c cond(t), for every step t = 0..T-1: (T, H)."""
+        steps = torch.arange(T, device=device, dtype=torch.float32).unsqueeze(-1)
+        return F.linear(self.time_features(steps), self.hidden[0].weight[:, self.action_dim + self.obs_dim :])
 
     def head(self, actions: torch.Tensor, state_part: torch.Tensor, time_part: torch.Tensor) -> torch.Tensor:
         x = mish(F.linear(actions, self.hidden[0].weight[:, : self.action_dim]) + state_part + time_part)
@@ -348,12 +349,10 @@ class Denoiser(nn.Module):
             x = mish(layer(x))
         return self.out(x)
 
-    def forward(self, obs: torch.Tensor, noisy_actions: torch.Tensor, t: torch.Tensor, T: int | None = None):
-        """(B, S), (B, A), (B,) integer steps -> predicted noise (B, A). Given T (t in 0..T-1), the time MLP runs on the
-        T distinct steps and each sample takes its row: T rows of work instead of B, the same values."""
-        if T is None:
-            return self.head(noisy_actions, self.state_part(obs), self.time_part(t.float().unsqueeze(-1)))
-        time_parts = self.time_part(torch.arange(T, device=t.device, dtype=torch.float32).unsqueeze(-1))  # (T, H)
+    def forward(self, obs: torch.Tensor, noisy_actions: torch.Tensor, t: torch.Tensor, T: int) -> torch.Tensor:
+        """(B, S), (B, A), (B,) integer steps in 0..T-1 -> predicted noise (B, A). The time MLP runs on the T distinct
+        steps and each sample takes its row: T rows of work instead of B, the same values."""
+        time_parts = self.time_parts(T, t.device)
         # a one-hot product, not time_parts[t]: its gradient is a matmul, free of the index's scatter-add atomics
         return self.head(noisy_actions, self.state_part(obs), F.one_hot(t, T).to(time_parts.dtype) @ time_parts)
 
@@ -402,8 +401,7 @@ def ddpm_sample(
     with torch.no_grad():
         x = torch.randn(obs.shape[0], denoiser.action_dim, device=obs.device) if x_T is None else x_T
         state_part = denoiser.state_part(obs)  # once per call, not once per step
-        steps = torch.arange(schedule.T, device=obs.device, dtype=torch.float32).unsqueeze(-1)
-        time_parts = denoiser.time_part(steps)  # (T, H): once per step for the whole batch
+        time_parts = denoiser.time_parts(schedule.T, obs.device)  # (T, H): once per step for the whole batch
         for t in reversed(range(schedule.T)):
             alpha, alpha_bar, beta = schedule.alphas[t], schedule.alpha_bars[t], schedule.betas[t]
             eps_pred = denoiser.head(x, state_part, time_parts[t])

@@ -54,7 +54,7 @@ def test_denoiser_split_first_layer_equals_the_plain_mlp(qsm):
     x = torch.cat([actions, obs, cond], dim=-1)
     for layer in den.hidden:
         x = F.mish(layer(x))
-    torch.testing.assert_close(den(obs, actions, t), den.out(x))
+    torch.testing.assert_close(den(obs, actions, t, 5), den.out(x))
 
 
 def test_fourier_features_formula(qsm):
@@ -99,7 +99,7 @@ def test_sampler_at_temperature_zero_is_the_hand_written_chain(qsm, denoiser):
     with torch.no_grad():
         for t in [4, 3, 2, 1, 0]:
             a, ab = schedule.alphas[t], schedule.alpha_bars[t]
-            eps = denoiser(obs, x.float(), torch.full((16,), t)).double()
+            eps = denoiser(obs, x.float(), torch.full((16,), t), 5).double()
             x = ((x - (1 - a) / math.sqrt(1 - ab) * eps) / math.sqrt(a)).clamp(-1, 1)
     torch.testing.assert_close(got, x.float(), rtol=1e-5, atol=1e-5)
 

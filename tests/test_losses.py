@@ -78,7 +78,7 @@ def test_qsm_loss_uses_the_forward_diffusion_of_replay_actions(qsm):
     eps = torch.randn(B, A)
     ab = torch.tensor(schedule.alpha_bars, dtype=torch.float32)[t].unsqueeze(-1)
     a_t = ab.sqrt() * batch.actions + (1 - ab).sqrt() * eps
-    expected = ((den(batch.obs, a_t, t) - 6.0 * (a_t - critic.best_action(batch.obs))) ** 2).mean()
+    expected = ((den(batch.obs, a_t, t, 5) - 6.0 * (a_t - critic.best_action(batch.obs))) ** 2).mean()
     torch.testing.assert_close(loss, expected)
     loss.backward()  # only the denoiser is differentiated
     assert all(p.grad is not None for p in den.parameters())
@@ -188,7 +188,7 @@ def test_cosine_decay_matches_optax(qsm):
 
 def test_bf16_update_tracks_float32(qsm):
     """--bf16 runs the update's products in bfloat16 (so it is not bit-identical) yet moves the same parameters the
-    same way; parameters stay float32 and acting stays float32."""
+    same way; parameters stay float32, and acting (float32 also under --bf16) draws exactly the same actions."""
     schedule = qsm.DiffusionSchedule("vp", 5)
 
     def one_update(bf16: bool):
@@ -200,14 +200,16 @@ def test_bf16_update_tracks_float32(qsm):
                           torch.randn(64, generator=g), torch.randn(64, 5, generator=g), torch.ones(64))  # fmt: skip
         params = [p for module in (critic, den) for p in module.parameters()]
         before = torch.cat([p.detach().flatten() for p in params])
+        torch.manual_seed(3)
+        actions = qsm.act(den, schedule, batch.obs[:8], args)
         torch.manual_seed(5)
         metrics = qsm.train_step(batch, critic, target, den, copt, aopt, schedule, args)
         assert all(p.dtype == torch.float32 for p in params)
-        assert qsm.act(den, schedule, batch.obs[:1], args).dtype == torch.float32
-        return metrics, torch.cat([p.detach().flatten() for p in params]) - before
+        return metrics, torch.cat([p.detach().flatten() for p in params]) - before, actions
 
-    metrics32, delta32 = one_update(False)
-    metrics16, delta16 = one_update(True)
+    metrics32, delta32, actions32 = one_update(False)
+    metrics16, delta16, actions16 = one_update(True)
+    assert torch.equal(actions16, actions32)
     assert not torch.equal(delta16, delta32)  # the products really ran in bfloat16
     assert torch.nn.functional.cosine_similarity(delta16, delta32, dim=0) > 0.95
     for key in ("losses/qf1_loss", "losses/qf2_loss", "losses/actor_loss", "losses/td_target"):
