@@ -3,7 +3,7 @@
 #
 #   bash benchmark.sh [--env-ids ID ...] [--seeds N ...] [--workers N] [--out DIR] [--slurm] [--dry-run] [-- FLAGS]
 #   bash benchmark.sh summary DIR
-#   bash benchmark.sh speed [--env-ids ID ...] [--modes MODE ...] [--steps N] [--threads N] [--cuda]
+#   bash benchmark.sh speed [--env-ids ID ...] [--modes MODE ...] [--steps N] [--repeats N] [--threads N] [--cuda]
 #
 # grid (the default): trains qsm_continuous.py for every env id x seed (defaults: the paper's six DMC tasks, seeds
 # 1 2 3), FLAGS (everything after --) passed to every run. Locally through a pool of --workers runs (default: one
@@ -22,7 +22,9 @@
 # memory of the training process. Modes: `eager`, or the script's speed flags joined by `+`: compile, bf16,
 # cudagraphs (CUDA only), e.g. compile+cudagraphs+bf16. Default: eager compile, then bf16 compile+bf16 on a CPU with
 # bfloat16 matrix instructions, or with --cuda cudagraphs compile+cudagraphs compile+cudagraphs+bf16. Each mode gets
-# a new, empty torch.compile cache: the time to the first update is a cold compilation.
+# a new, empty torch.compile cache: the time to the first update is a cold compilation. --repeats N measures every
+# env x mode N times, round-robin (so a machine whose speed drifts slows all modes alike), and prints medians, the
+# range of the training steps/s, and each mode's training steps/s over eager's in the same round (median ratio).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -52,11 +54,14 @@ parser = argparse.ArgumentParser(prog="bash benchmark.sh speed")
 parser.add_argument("--env-ids", nargs="+", default=["cheetah-run", "humanoid-walk"])
 parser.add_argument("--modes", nargs="+", help="eager, or flags joined by +: compile, bf16, cudagraphs")
 parser.add_argument("--steps", type=int, default=1500, help="learning-phase steps of each training run")
+parser.add_argument("--repeats", type=int, default=1, help="measure every env x mode this many times, round-robin")
 parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
 parser.add_argument("--cuda", action="store_true", help="benchmark on the GPU")
 opts = parser.parse_args()
 if opts.cuda and not torch.cuda.is_available():
     sys.exit("error: --cuda was given but torch sees no CUDA device")
+if opts.repeats < 1:
+    sys.exit(f"error: --repeats must be at least 1, got {opts.repeats}")
 if opts.steps < 500:
     sys.exit("error: --steps must be at least 500 (5 windows of 100 steps, 2 of them warm-up)")
 if opts.cuda:
@@ -171,20 +176,36 @@ def training(env_id, mode):
 
 name = torch.cuda.get_device_name() if opts.cuda else f"CPU, {opts.threads} torch threads"
 print(f"device: {name}; torch {torch.__version__}; defaults (T=5, 512x512 networks, batch 256)")
-print(f"training runs: {opts.steps} learning-phase steps after {LEARNING_STARTS} random ones; medians of windows\n")
+print(f"training runs: {opts.steps} learning-phase steps after {LEARNING_STARTS} random ones; medians of windows")
+runs = {}  # (env id, mode) -> one (train steps/s, updates/s, act steps/s, s to 1st update, peak RSS) per round
+for round_ in range(opts.repeats):
+    for env_id in opts.env_ids:
+        for mode in opts.modes:
+            # a new, empty compile cache: the training run compiles cold (its first-update time), pieces() reuses it
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache = tempfile.mkdtemp(prefix="qsm-inductor-")
+            try:
+                train_sps, first_update, rss = training(env_id, mode)
+                updates, acts = pieces(env_id, mode)
+            finally:
+                shutil.rmtree(cache, ignore_errors=True)
+            runs.setdefault((env_id, mode), []).append((train_sps, updates, acts, first_update, rss))
+            print(f"round {round_ + 1}/{opts.repeats}: {env_id} {mode}: {train_sps:.1f} train steps/s", file=sys.stderr,
+                  flush=True)  # fmt: skip
+
+if opts.repeats > 1:
+    print(f"each figure: the median of {opts.repeats} rounds; train steps/s also its range over the rounds")
+vs = "eager" in opts.modes
 header = "| env | mode | train steps/s | updates/s | act steps/s | s to 1st update | peak RSS MiB |"
-print(header + "\n|" + "---|" * (header.count("|") - 1))
-for env_id in opts.env_ids:
-    for mode in opts.modes:
-        # a new, empty compile cache: the training run compiles cold (its first-update time), pieces() reuses it
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache = tempfile.mkdtemp(prefix="qsm-inductor-")
-        try:
-            train_sps, first_update, rss = training(env_id, mode)
-            updates, acts = pieces(env_id, mode)
-        finally:
-            shutil.rmtree(cache, ignore_errors=True)
-        print(f"| {env_id} | {mode} | {train_sps:.1f} | {updates:.1f} | {acts:.0f} | {first_update:.1f} | {rss:.0f} |")
-        sys.stdout.flush()
+header += " vs eager |" if vs else ""
+print("\n" + header + "\n|" + "---|" * (header.count("|") - 1))
+for (env_id, mode), rounds in runs.items():
+    train, updates, acts, first_update, rss = (statistics.median(column) for column in zip(*rounds, strict=True))
+    spread = f" ({min(r[0] for r in rounds):.1f}-{max(r[0] for r in rounds):.1f})" if opts.repeats > 1 else ""
+    row = f"| {env_id} | {mode} | {train:.1f}{spread} | {updates:.1f} | {acts:.0f} | {first_update:.1f} | {rss:.0f} |"
+    if vs:  # each round's ratio to eager in the same round, then the median: drift between rounds cancels
+        ratios = [r[0] / e[0] for r, e in zip(rounds, runs[env_id, "eager"], strict=True)]
+        row += f" {statistics.median(ratios):.2f}x |"
+    print(row)
 PY
     ;;
 -h | --help | help)

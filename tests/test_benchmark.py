@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,7 @@ def test_local_grid_runs_seeds_in_parallel_and_summarises(tmp_path):
         (["--modes", "fast"], "--modes 'fast' is unknown"),
         (["--modes", "compile+cudagraphs"], "needs --cuda"),
         (["--steps", "100"], "--steps must be at least 500"),
+        (["--repeats", "0"], "--repeats must be at least 1"),
         (["--env-ids", "cheetah-walk"], "valid ids: acrobot-swingup"),
     ],
 )
@@ -127,9 +129,15 @@ def test_speed_bad_input_is_one_line(args, message):
 
 
 def test_speed_table_from_a_real_short_run():
-    """The speed subcommand trains the real script and times the pieces: one row, every figure positive."""
-    result = bench("speed", "--env-ids", "cartpole-balance", "--modes", "eager", "--steps", "500", timeout=600)
+    """The speed subcommand trains the real script and times the pieces, here twice (--repeats 2): one row of medians,
+    every figure positive, the range of the two training runs' steps/s, and eager over itself in the same round."""
+    result = bench("speed", "--env-ids", "cartpole-balance", "--modes", "eager", "--steps", "500", "--repeats", "2",
+                   timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "round 1/1" not in result.stderr and "round 2/2: cartpole-balance eager" in result.stderr
+    assert "| vs eager |" in result.stdout and "the median of 2 rounds" in result.stdout
     (row,) = [line for line in result.stdout.splitlines() if line.startswith("| cartpole-balance | eager |")]
-    figures = [float(x) for x in row.strip("|").split("|")[2:]]
-    assert len(figures) == 5 and all(x > 0 for x in figures), row
+    cells = [cell.strip() for cell in row.strip("|").split("|")[2:]]
+    train, low, high = (float(x) for x in re.fullmatch(r"([\d.]+) \(([\d.]+)-([\d.]+)\)", cells[0]).groups())
+    assert 0 < low <= train <= high, row
+    assert len(cells) == 6 and all(float(x) > 0 for x in cells[1:5]) and cells[5] == "1.00x", row
