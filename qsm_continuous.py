@@ -988,9 +988,34 @@ if __name__ == "__main__":
             where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
             fail(f"non-finite {', '.join(bad)} by step {step}; {where} (--resume it with, e.g., a lower --critic-lr)")
 
+    def evaluate_and_log(steps_done: int) -> float:
+        """Evaluates the policy, logs it at steps_done (returns, the probe state's actions, a video); returns the
+        seconds it took. Deterministic given the networks and the RNG state: eval envs are reseeded, RNGs forked."""
+        eval_start = time.time()
+        gpus = [torch.cuda.current_device()] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=gpus):  # evaluating never moves the training's random numbers
+            frames = [] if args.capture_video else None
+            returns = evaluate(eval_envs, denoiser, schedule, args, device, frames)
+            probe_actions = ddpm_sample(denoiser, schedule, probe_obs.expand(1000, -1), args.ddpm_temperature,
+                                        args.clip_sampler).cpu()  # fmt: skip
+        writer.add_scalar("eval/episodic_return", returns.mean(), steps_done)
+        writer.add_scalar("eval/episodic_return_std", returns.std(), steps_done)
+        for dim in range(action_dim):
+            writer.add_histogram(f"eval/action_dim_{dim}", probe_actions[:, dim], steps_done)
+        pbar.write(f"step {steps_done}: eval return {returns.mean():.1f} +- {returns.std():.1f}")
+        if frames:
+            video = f"videos/{run_name}/step_{steps_done}.mp4"
+            write_video(video, frames, eval_envs[0])
+            if args.track:
+                wandb.log({"videos/eval": wandb.Video(video, format="mp4")})
+        return time.time() - eval_start
+
     start_time, start_step = time.time(), None
     pbar = tqdm(range(start, args.total_timesteps, args.action_repeat), unit="step", unit_scale=args.action_repeat,
                 initial=start // args.action_repeat, total=args.total_timesteps // args.action_repeat)  # fmt: skip
+    if saved is not None and start % args.eval_interval < args.action_repeat:
+        # the stopped run evaluated at its checkpoint's step, then the purge above dropped that log: evaluate again
+        evaluate_and_log(start)
     for global_step in pbar:
         # ALGO LOGIC: put action logic here
         if global_step < args.learning_starts:
@@ -1032,24 +1057,7 @@ if __name__ == "__main__":
         steps_done = global_step + args.action_repeat
         # every eval_interval steps, and once more at the end, so every run reports its final policy
         if steps_done % args.eval_interval < args.action_repeat or steps_done >= args.total_timesteps:
-            eval_start = time.time()
-            gpus = [torch.cuda.current_device()] if device.type == "cuda" else []
-            with torch.random.fork_rng(devices=gpus):  # evaluating never moves the training's random numbers
-                frames = [] if args.capture_video else None
-                returns = evaluate(eval_envs, denoiser, schedule, args, device, frames)
-                probe_actions = ddpm_sample(denoiser, schedule, probe_obs.expand(1000, -1), args.ddpm_temperature,
-                                            args.clip_sampler).cpu()  # fmt: skip
-            start_time += time.time() - eval_start  # SPS counts training steps/s, not evaluation time
-            writer.add_scalar("eval/episodic_return", returns.mean(), steps_done)
-            writer.add_scalar("eval/episodic_return_std", returns.std(), steps_done)
-            for dim in range(action_dim):
-                writer.add_histogram(f"eval/action_dim_{dim}", probe_actions[:, dim], steps_done)
-            pbar.write(f"step {steps_done}: eval return {returns.mean():.1f} +- {returns.std():.1f}")
-            if frames:
-                video = f"videos/{run_name}/step_{steps_done}.mp4"
-                write_video(video, frames, eval_envs[0])
-                if args.track:
-                    wandb.log({"videos/eval": wandb.Video(video, format="mp4")})
+            start_time += evaluate_and_log(steps_done)  # SPS counts training steps/s, not evaluation time
 
         checkpoint_due = args.checkpoint_interval and steps_done % args.checkpoint_interval < args.action_repeat
         if checkpoint_due or stop_signal or (args.checkpoint_interval and steps_done >= args.total_timesteps):
