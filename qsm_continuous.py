@@ -1,10 +1,9 @@
 # Q-score matching (QSM): Psenka, Escontrela, Abbeel, Ma, "Learning a Diffusion Model Policy from Rewards via
-# Q-Score Matching", ICML 2024, https://arxiv.org/abs/2312.11752. Usage and metrics: README.md.
+# Q-Score Matching", ICML 2024, https://arxiv.org/abs/2312.11752. Usage, flags and metrics: README.md.
 import os
 import sys
 
-# Read by dm_control at import. Without video nothing renders, and "disable" keeps it from probing for an X display;
-# --capture-video renders headless through EGL (a GPU's, or Mesa's on the CPU); MUJOCO_GL=osmesa also works.
+# dm_control reads MUJOCO_GL at import: "disable" keeps it from probing for a display; videos render headless (EGL)
 os.environ.setdefault("MUJOCO_GL", "egl" if "--capture-video" in sys.argv else "disable")
 
 import dataclasses
@@ -15,7 +14,6 @@ import signal
 import socket
 import time
 import urllib.parse
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import mujoco
@@ -24,10 +22,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from absl import logging as absl_logging
 from dm_control import suite
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 
-@dataclass
+@dataclasses.dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
@@ -50,11 +51,9 @@ class Args:
     evaluate_model: str | None = None
     """no training: load a --save-model file or a checkpoint and run --eval-episodes evaluation episodes"""
     checkpoint_interval: int = 100_000
-    """write the whole training state to `runs/{run_name}/checkpoint/` every this many steps, at the end and on
-    SIGTERM/SIGINT (0: only on a signal)"""
+    """save the training state to `runs/{run_name}/checkpoint.pt` every this many steps, at the end, on a signal"""
     resume: str | None = None
-    """continue a run exactly from its run directory or checkpoint; flags not given are the checkpoint's, and
-    --total-timesteps may be raised"""
+    """continue a run exactly from its run directory or checkpoint (flags not given: the checkpoint's)"""
 
     # Algorithm specific arguments
     env_id: str = "cheetah-run"
@@ -104,79 +103,27 @@ class Args:
     action_repeat: int = 1
     """repeat every action this many control steps, summing the rewards"""
     compile: bool = False
-    """compile the updates and the sampler with `torch.compile`"""
+    """compile the losses and the sampler with `torch.compile`"""
     cudagraphs: bool = False
     """replay every update and every acting step from a CUDA graph (needs a GPU; with or without --compile)"""
     bf16: bool = False
     """run the updates' matrix products in bfloat16 (autocast); weights, Adam, losses and acting stay float32"""
 
 
-BETA_SCHEDULES = ("vp", "cosine", "linear")
-# the settings that decide what is learned (a resumed run checks them), not how fast, how long or what is logged
-ALGORITHM_FIELDS = ("seed", "env_id", "learning_starts", "buffer_size", "batch_size", "gamma", "tau", "critic_lr",
-                    "actor_lr", "actor_lr_decay_steps", "critic_hidden_dims", "actor_hidden_dims", "T", "beta_schedule",
-                    "ddpm_temperature", "clip_sampler", "M_q", "exploration_noise", "target_noise", "utd_ratio",
-                    "action_repeat", "bf16")  # fmt: skip
+# ENVIRONMENT: dm_control, no gym layer. The agent acts in [-1, 1]^A; observations are one float32 vector.
 ENV_IDS = tuple(f"{domain}-{task}" for domain, task in suite.ALL_TASKS)
 
 
-def check_args(args: Args) -> str | None:
-    """The first problem with `args` as a one-line message naming the flag and the fix, or None."""
-    try:
-        parse_env_id(args.env_id)
-        beta_schedule(args.beta_schedule, 1)
-    except ValueError as error:
-        return str(error)
-    if args.cuda and not torch.cuda.is_available():
-        return "--cuda was given but torch sees no CUDA device; drop --cuda or install a CUDA build of torch (README)"
-    if args.cudagraphs and not args.cuda:
-        return "--cudagraphs needs a CUDA device (--cuda); drop --cudagraphs on the CPU"
-    positive = ("T", "batch_size", "buffer_size", "total_timesteps", "utd_ratio", "eval_interval", "eval_episodes",
-                "action_repeat", "actor_lr_decay_steps", "M_q", "critic_lr", "actor_lr")  # fmt: skip
-    for name in positive:
-        if getattr(args, name) <= 0:
-            return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
-    if args.batch_size > args.buffer_size:
-        return f"--batch-size {args.batch_size} exceeds --buffer-size {args.buffer_size}; lower one or raise the other"
-    if args.learning_starts < 0:
-        return f"--learning-starts must be >= 0, got {args.learning_starts}"
-    if not 0.0 <= args.gamma <= 1.0:
-        return f"--gamma must lie in [0, 1], got {args.gamma}"
-    if not 0.0 < args.tau <= 1.0:
-        return f"--tau must lie in (0, 1], got {args.tau}"
-    for name in ("ddpm_temperature", "exploration_noise", "target_noise"):
-        if getattr(args, name) < 0:
-            return f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}"
-    for name in ("critic_hidden_dims", "actor_hidden_dims"):
-        dims = getattr(args, name)
-        if not dims or min(dims) <= 0:
-            return f"--{name.replace('_', '-')} needs one or more positive sizes, got {dims}"
-    return None
-
-
-# ENVIRONMENT: dm_control, no gym layer. The agent acts in [-1, 1]^A; observations are one float32 vector.
 def parse_env_id(env_id: str) -> tuple[str, str]:
     """`cartpole-swingup_sparse` -> (`cartpole`, `swingup_sparse`): split at the first `-` only."""
     if env_id not in ENV_IDS:
         raise ValueError(f"--env-id {env_id!r} is not a dm_control task; valid ids: {', '.join(ENV_IDS)}")
-    domain, task = env_id.split("-", 1)
-    return domain, task
+    return tuple(env_id.split("-", 1))
 
 
 def flatten_observation(observation: dict) -> np.ndarray:
     """The observation dict in its spec's (fixed) order, each entry raveled, as one float32 vector."""
     return np.concatenate([np.asarray(v, dtype=np.float32).ravel() for v in observation.values()])
-
-
-def get_numpy_rng_state(rng) -> tuple:
-    """A NumPy RandomState's (or np.random's) state with tensors for arrays: loadable with weights_only=True."""
-    name, key, pos, has_gauss, gauss = rng.get_state()
-    return name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss
-
-
-def set_numpy_rng_state(rng, state: tuple) -> None:
-    name, key, pos, has_gauss, gauss = state
-    rng.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
 class DMCEnv:
@@ -186,24 +133,18 @@ class DMCEnv:
         domain, task = parse_env_id(env_id)
         self.env = suite.load(domain, task, task_kwargs={"random": seed})
         spec = self.env.action_spec()
-        self.action_low = spec.minimum.astype(np.float64)
-        self.action_high = spec.maximum.astype(np.float64)
-        self.action_dim = spec.shape[0]
+        self.action_low, self.action_high = spec.minimum.astype(np.float64), spec.maximum.astype(np.float64)
         self.obs_dim = sum(int(np.prod(s.shape)) for s in self.env.observation_spec().values())
-        self.action_repeat = action_repeat
+        self.action_dim, self.action_repeat = spec.shape[0], action_repeat
 
-    def rescale(self, action: np.ndarray) -> np.ndarray:
-        """[-1, 1] -> [minimum, maximum] of the task's action spec."""
+    def rescale(self, action: np.ndarray) -> np.ndarray:  # [-1, 1] -> [minimum, maximum] of the action spec
         return self.action_low + (np.clip(action, -1.0, 1.0) + 1.0) * 0.5 * (self.action_high - self.action_low)
 
     def reset(self) -> np.ndarray:
         return flatten_observation(self.env.reset().observation)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, float, bool]:
-        """Returns (next_obs, summed reward, bootstrap mask, episode over).
-
-        The mask is the time step's `discount`: 0 only at a true terminal state, 1 at a time limit, so a time
-        limit never cuts the bootstrap."""
+        """-> (next_obs, summed reward, mask, done); mask = the `discount`: 0 at a true terminal, 1 at a time limit"""
         reward = 0.0
         for _ in range(self.action_repeat):
             time_step = self.env.step(self.rescale(action))
@@ -212,22 +153,14 @@ class DMCEnv:
                 break
         return flatten_observation(time_step.observation), float(reward), float(time_step.discount), time_step.last()
 
-    def render(self) -> np.ndarray:
-        """The task's first camera as a (240, 320, 3) uint8 frame."""
-        return self.env.physics.render(height=240, width=320, camera_id=0)
-
     def get_state(self) -> dict:
-        """Everything that decides the future of this task: MuJoCo's full integration state (warm start included),
-        the time-limit counter and the task's random generator. Restored, the task steps bit for bit as before."""
+        """All that decides the task's future (MuJoCo's integration state, time-limit counter, the task's RNG)."""
         physics, spec = self.env.physics, mujoco.mjtState.mjSTATE_INTEGRATION
         buffer = np.empty(mujoco.mj_stateSize(physics.model.ptr, spec))
         mujoco.mj_getState(physics.model.ptr, physics.data.ptr, buffer, spec)
-        return {
-            "physics": torch.from_numpy(buffer),
-            "step_count": self.env._step_count,
-            "reset_next_step": self.env._reset_next_step,
-            "random": get_numpy_rng_state(self.env.task.random),
-        }
+        env = self.env
+        return {"physics": torch.from_numpy(buffer), "step_count": env._step_count,
+                "reset_next_step": env._reset_next_step, "random": numpy_rng_state(env.task.random)}  # fmt: skip
 
     def set_state(self, state: dict) -> None:
         physics, spec = self.env.physics, mujoco.mjtState.mjSTATE_INTEGRATION
@@ -237,174 +170,96 @@ class DMCEnv:
         set_numpy_rng_state(self.env.task.random, state["random"])
 
 
-# ALGO LOGIC: networks
-def xavier_linear(in_dim: int, out_dim: int) -> nn.Linear:
-    layer = nn.Linear(in_dim, out_dim)
-    nn.init.xavier_uniform_(layer.weight)
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
+# ALGO LOGIC: the networks
 class TwinCritic(nn.Module):
-    """Two ReLU MLPs Q_i(s, a) on concat(s, a), as one module with stacked weights: one batched matmul per layer
-    evaluates both critics (the official code's two-member ensemble)."""
+    """Q_i(s, a), i = 1..num_q: ReLU MLPs on concat(s, a) with stacked weights, evaluated in one batched product per
+    layer. Any change here reaches the QSM target too: it differentiates this forward with autograd."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_dims: tuple[int, ...], num_q: int = 2):
         super().__init__()
         dims = (obs_dim + action_dim, *hidden_dims, 1)
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
-        for in_dim, out_dim in itertools.pairwise(dims):
-            weight = torch.empty(num_q, in_dim, out_dim)
-            for w in weight:  # Xavier-uniform per critic, as the official init
-                nn.init.xavier_uniform_(w.T)
-            self.weights.append(nn.Parameter(weight))
-            self.biases.append(nn.Parameter(torch.zeros(num_q, 1, out_dim)))
-        self.obs_dim = obs_dim
-
-    def hidden(self, obs: torch.Tensor, actions: torch.Tensor) -> list[torch.Tensor]:
-        """The hidden activations h_1..h_L of every critic, each (num_q, B, H_l)."""
-        x = torch.cat([obs, actions], dim=-1).expand(len(self.weights[0]), -1, -1)
-        activations = []
-        for weight, bias in zip(self.weights[:-1], self.biases[:-1], strict=True):
-            x = F.relu(torch.baddbmm(bias, x, weight))
-            activations.append(x)
-        return activations
+        self.weights = nn.ParameterList(  # per layer W (num_q, in, out), x @ W + b; Xavier-uniform as the official init
+            torch.stack([nn.init.xavier_uniform_(torch.empty(i, o)) for _ in range(num_q)])
+            for i, o in itertools.pairwise(dims)
+        )
+        self.biases = nn.ParameterList(torch.zeros(num_q, 1, o) for o in dims[1:])
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """(B, S), (B, A) -> Q values (num_q, B)."""
-        # Q = h_L . w + b as a product and a sum, not a 1-column matmul: compiled, it fuses into the last layer's kernel
-        return (self.hidden(obs, actions)[-1] * self.weights[-1].transpose(1, 2)).sum(-1) + self.biases[-1].squeeze(-1)
-
-    def action_grad(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """grad_a Q_i(s, a) for every critic, (num_q, B, A); no gradient reaches the critics.
-
-        For a ReLU MLP the input gradient is W_1^T D_1 W_2^T D_2 ... w_out, D_l = diag(h_l > 0): one forward pass and
-        one product per layer back. Written out because autograd here would also build a graph for the parameters
-        and, inside torch.compile, break the graph."""
-        with torch.no_grad():
-            active = [h > 0 for h in self.hidden(obs, actions)]  # D_l
-            grad = self.weights[-1].transpose(1, 2)  # dQ/dh_L: (num_q, 1, H_L)
-            for weight, mask in zip(reversed(self.weights[1:-1]), reversed(active[1:]), strict=True):
-                grad = torch.bmm(grad * mask, weight.transpose(1, 2))  # dQ/dh_{l-1} = (dQ/dh_l * D_l) W_l^T
-            return torch.bmm(grad * active[0], self.weights[0][:, self.obs_dim :].transpose(1, 2))
+        x = torch.cat([obs, actions], dim=-1).expand(len(self.weights[0]), -1, -1)  # (num_q, B, S + A)
+        for weight, bias in zip(self.weights[:-1], self.biases[:-1], strict=True):
+            x = F.relu(torch.baddbmm(bias, x, weight))
+        return torch.baddbmm(self.biases[-1], x, self.weights[-1]).squeeze(-1)
 
 
 def mish(x: torch.Tensor) -> torch.Tensor:
-    """mish(x) = x tanh(softplus(x)) = x (e^2x + 2e^x) / (e^2x + 2e^x + 2): one exp instead of exp, log1p and tanh.
-
-    Same values as F.mish to float precision, about 3x faster on the CPU, where mish is half of the denoiser's time.
-    x is clamped inside the exp only (for x > 20 the ratio is 1 in float32), so nothing overflows."""
-    n = torch.exp(x.clamp(max=20.0))
+    """mish(x) = x tanh(softplus(x)) = x (e^2x + 2e^x) / (e^2x + 2e^x + 2): one exp, not three (faster on the CPU)."""
+    n = torch.exp(x.clamp(max=20.0))  # clamped inside the exp only: for x > 20 the ratio is 1 in float32
     m = n * (n + 2.0)
     return x * (m / (m + 2.0))
 
 
-class Mish(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mish(x)
-
-
-class FourierFeatures(nn.Module):
-    """Learnable Fourier features of the diffusion step: t -> [cos(2 pi t W), sin(2 pi t W)], W ~ N(0, 0.2^2)."""
-
-    def __init__(self, output_size: int = 64):
-        super().__init__()
-        self.kernel = nn.Parameter(torch.randn(output_size // 2, 1) * 0.2)
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        f = 2 * math.pi * t @ self.kernel.T
-        return torch.cat([torch.cos(f), torch.sin(f)], dim=-1)
-
-
 class Denoiser(nn.Module):
-    """eps_theta(s, a_t, t): time -> Fourier features -> MLP(128, 128) mish -> cond; MLP mish on concat(a_t, s, cond).
-
-    The first layer W [a; s; cond] + b is split into the parts of a_t, s and cond, so the sampler can compute the
-    state's share once per call and the time's share once per step instead of once per denoising pass per sample."""
+    """eps_theta(s, a_t, t): t -> Fourier features [cos 2 pi t W, sin 2 pi t W] -> MLP(128, 128) mish -> cond;
+    MLP mish on concat(a_t, s, cond) -> predicted noise. As the official code, t is the integer step 0..T-1."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_dims: tuple[int, ...], time_dim: int = 64):
         super().__init__()
-        self.time_features = nn.Sequential(
-            FourierFeatures(time_dim), xavier_linear(time_dim, 128), Mish(), xavier_linear(128, 128)
-        )
+        self.fourier_kernel = nn.Parameter(torch.randn(time_dim // 2, 1) * 0.2)  # W ~ N(0, 0.2^2), learned
+        self.cond = nn.ModuleList([nn.Linear(time_dim, 128), nn.Linear(128, 128)])
         dims = (action_dim + obs_dim + 128, *hidden_dims)
-        self.hidden = nn.ModuleList(xavier_linear(i, o) for i, o in itertools.pairwise(dims))
-        self.out = xavier_linear(dims[-1], action_dim)
-        self.action_dim, self.obs_dim = action_dim, obs_dim
+        self.mlp = nn.ModuleList(nn.Linear(i, o) for i, o in itertools.pairwise(dims))
+        self.out = nn.Linear(dims[-1], action_dim)
+        for layer in [*self.cond, *self.mlp, self.out]:  # the official init: Xavier-uniform weights, zero biases
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        self.input_sizes, self.action_dim = (action_dim, obs_dim, 128), action_dim
 
-    def state_part(self, obs: torch.Tensor) -> torch.Tensor:
-        """The state's share of the first layer, W_s s + b: (B, S) -> (B, H)."""
-        first = self.hidden[0]
-        return F.linear(obs, first.weight[:, self.action_dim : self.action_dim + self.obs_dim], first.bias)
-
-    def time_parts(self, T: int, device: torch.device | str) -> torch.Tensor:
-        """The time's share of the first layer, W_c cond(t), for every step t = 0..T-1: (T, H)."""
-        steps = torch.arange(T, device=device, dtype=torch.float32).unsqueeze(-1)
-        return F.linear(self.time_features(steps), self.hidden[0].weight[:, self.action_dim + self.obs_dim :])
-
-    def head(self, actions: torch.Tensor, state_part: torch.Tensor, time_part: torch.Tensor) -> torch.Tensor:
-        x = mish(F.linear(actions, self.hidden[0].weight[:, : self.action_dim]) + state_part + time_part)
-        for layer in self.hidden[1:]:
+    def forward(self, obs: torch.Tensor, noisy_actions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """(B, S), (B, A), integer steps t (B,), or (1,) for one step shared by the batch -> predicted noise (B, A)."""
+        f = 2 * math.pi * t.float().unsqueeze(-1) @ self.fourier_kernel.T  # (B or 1, time_dim / 2)
+        cond = self.cond[1](mish(self.cond[0](torch.cat([torch.cos(f), torch.sin(f)], dim=-1))))
+        # W [a_t; s; cond] + b written as W_a a_t + W_s s + (W_c cond + b): equal, and a shared t is one cond row
+        W_a, W_s, W_c = self.mlp[0].weight.split(self.input_sizes, dim=1)
+        x = mish(F.linear(noisy_actions, W_a) + F.linear(obs, W_s) + F.linear(cond, W_c, self.mlp[0].bias))
+        for layer in self.mlp[1:]:
             x = mish(layer(x))
         return self.out(x)
-
-    def forward(self, obs: torch.Tensor, noisy_actions: torch.Tensor, t: torch.Tensor, T: int) -> torch.Tensor:
-        """(B, S), (B, A), (B,) integer steps in 0..T-1 -> predicted noise (B, A). The time MLP runs on the T distinct
-        steps and each sample takes its row: T rows of work instead of B, the same values."""
-        time_parts = self.time_parts(T, t.device)
-        # a one-hot product, not time_parts[t]: its gradient is a matmul, free of the index's scatter-add atomics
-        return self.head(noisy_actions, self.state_part(obs), F.one_hot(t, T).to(time_parts.dtype) @ time_parts)
 
 
 # ALGO LOGIC: the diffusion policy
 def beta_schedule(name: str, T: int) -> np.ndarray:
-    """beta_1..beta_T (float64), as the official code's schedules."""
-    if name == "vp":  # beta_t = 1 - exp(-b_min/T - (b_max - b_min)(2t - 1) / (2 T^2)), t = 1..T
-        t = np.arange(1, T + 1)
-        b_min, b_max = 0.1, 10.0
-        return 1.0 - np.exp(-b_min / T - 0.5 * (b_max - b_min) * (2 * t - 1) / T**2)
+    """beta_t for the steps t = 0..T-1 (float64), as the official code's schedules."""
+    if name == "vp":  # beta = 1 - exp(-b_min/T - (b_max - b_min)(2k - 1) / (2 T^2)), k = t + 1 = 1..T
+        k, b_min, b_max = np.arange(1, T + 1), 0.1, 10.0
+        return 1.0 - np.exp(-b_min / T - 0.5 * (b_max - b_min) * (2 * k - 1) / T**2)
     if name == "cosine":  # Nichol & Dhariwal (2021), s = 0.008
-        s = 0.008
-        alpha_bar = np.cos((np.linspace(0, T, T + 1) / T + s) / (1 + s) * np.pi / 2) ** 2
+        alpha_bar = np.cos((np.linspace(0, T, T + 1) / T + 0.008) / 1.008 * np.pi / 2) ** 2
         return np.clip(1.0 - alpha_bar[1:] / alpha_bar[:-1], 0.0, 0.999)
     if name == "linear":
         return np.linspace(1e-4, 2e-2, T)
-    raise ValueError(f"--beta-schedule {name!r} is unknown; use one of: {', '.join(BETA_SCHEDULES)}")
+    raise ValueError(f"--beta-schedule {name!r} is unknown; use one of: vp, cosine, linear")
 
 
 class DiffusionSchedule:
-    """beta_t, alpha_t = 1 - beta_t and alpha_bar_t = prod_{k<=t} alpha_k, indexed t = 0..T-1 as the code's steps."""
+    """beta_t, alpha_t = 1 - beta_t and alpha_bar_t = prod_{k<=t} alpha_k for t = 0..T-1."""
 
     def __init__(self, name: str, T: int, device: torch.device | str = "cpu"):
-        self.T = T
         betas = beta_schedule(name, T)
-        alpha_bars = np.cumprod(1.0 - betas)
-        # The sampler reads the coefficients as Python floats: constants under torch.compile (NumPy values would be
-        # traced as tensors) and no device reads. The score update indexes alpha_bar with a random step per sample,
-        # so alpha_bar also lives on the device.
-        self.betas = tuple(float(b) for b in betas)
-        self.alphas = tuple(float(1.0 - b) for b in betas)
-        self.alpha_bars = tuple(float(ab) for ab in alpha_bars)
-        self.alpha_bars_t = torch.tensor(alpha_bars, dtype=torch.float32, device=device)
+        # floats for the sampler (constants under torch.compile); alpha_bar also as a tensor for the score update
+        self.T, self.betas, self.alphas = T, tuple(betas.tolist()), tuple((1.0 - betas).tolist())
+        self.alpha_bars = tuple(np.cumprod(1.0 - betas).tolist())
+        self.alpha_bars_t = torch.tensor(self.alpha_bars, dtype=torch.float32, device=device)
 
 
-def ddpm_sample(
-    denoiser: Denoiser,
-    schedule: DiffusionSchedule,
-    obs: torch.Tensor,
-    temperature: float = 1.0,
-    clip: bool = True,
-    x_T: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Reverse DDPM chain from x_T ~ N(0, I) to an action in [-1, 1]^A: (B, S) -> (B, A). No gradient flows."""
+def ddpm_sample(denoiser, schedule: DiffusionSchedule, obs: torch.Tensor, temperature: float = 1.0,
+                clip: bool = True, x_T: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The reverse DDPM chain from x_T ~ N(0, I) to an action in [-1, 1]^A: (B, S) -> (B, A). No gradient flows."""
     with torch.no_grad():
         x = torch.randn(obs.shape[0], denoiser.action_dim, device=obs.device) if x_T is None else x_T
-        state_part = denoiser.state_part(obs)  # once per call, not once per step
-        time_parts = denoiser.time_parts(schedule.T, obs.device)  # (T, H): once per step for the whole batch
         for t in reversed(range(schedule.T)):
             alpha, alpha_bar, beta = schedule.alphas[t], schedule.alpha_bars[t], schedule.betas[t]
-            eps_pred = denoiser.head(x, state_part, time_parts[t])
+            eps_pred = denoiser(obs, x, torch.full((1,), t, device=obs.device))  # one step for the whole batch
             # x_{t-1} = (x_t - (1 - alpha_t) / sqrt(1 - alpha_bar_t) * eps_theta(s, x_t, t)) / sqrt(alpha_t)
             x = (x - (1.0 - alpha) / math.sqrt(1.0 - alpha_bar) * eps_pred) / math.sqrt(alpha)
             if t > 0:  # + sqrt(beta_t) * temperature * z
@@ -414,7 +269,13 @@ def ddpm_sample(
         return x.clamp(-1.0, 1.0)
 
 
-# ALGO LOGIC: replay buffer
+def act(denoiser, schedule: DiffusionSchedule, obs: torch.Tensor, args: Args) -> torch.Tensor:
+    """The behaviour policy: a = clip(DDPM(s) + N(0, exploration_noise^2), -1, 1). Float32 also under --bf16."""
+    a = ddpm_sample(denoiser, schedule, obs, args.ddpm_temperature, args.clip_sampler)
+    return (a + args.exploration_noise * torch.randn_like(a)).clamp(-1.0, 1.0)
+
+
+# ALGO LOGIC: the replay buffer
 class Batch(NamedTuple):
     obs: torch.Tensor  # (B, S)
     actions: torch.Tensor  # (B, A), in [-1, 1]
@@ -424,23 +285,17 @@ class Batch(NamedTuple):
 
 
 class ReplayBuffer:
-    """A ring buffer on the training device, sampled uniformly with replacement. One row [s, a, r, s', mask] per
-    transition in one preallocated tensor: adding is one host-to-device copy, sampling one gather."""
+    """A ring buffer of rows [s, a, r, s', mask] in one tensor on the training device, sampled uniformly."""
 
     def __init__(self, capacity: int, obs_dim: int, action_dim: int, device: torch.device | str = "cpu"):
         # empty, not zeros: rows past `size` are never read, and on the CPU pages never written take no memory
         self.rows = torch.empty(capacity, 2 * obs_dim + action_dim + 2, device=device)
-        self.sizes = (obs_dim, action_dim, 1, obs_dim, 1)  # the columns of s, a, r, s', mask
+        self.sizes = (obs_dim, action_dim, 1, obs_dim, 1)
         self.obs, self.actions, self.rewards, self.next_obs, self.masks = self.split(self.rows)
         self.capacity, self.added = capacity, 0  # transitions ever added; position and fill follow from it
 
-    @property
-    def pos(self) -> int:  # the row the next transition overwrites
-        return self.added % self.capacity
-
-    @property
-    def size(self) -> int:
-        return min(self.added, self.capacity)
+    pos = property(lambda self: self.added % self.capacity)  # the row the next transition overwrites
+    size = property(lambda self: min(self.added, self.capacity))
 
     def split(self, rows: torch.Tensor) -> Batch:
         obs, actions, rewards, next_obs, masks = torch.split(rows, self.sizes, dim=-1)
@@ -454,95 +309,62 @@ class ReplayBuffer:
     def sample_indices(self, batch_size: int) -> torch.Tensor:
         return torch.randint(0, self.size, (batch_size,), device=self.rows.device)
 
-    def gather(self, idx: torch.Tensor) -> Batch:
+    def gather(self, idx: torch.Tensor) -> Batch:  # separate from sampling: a CUDA graph replays the gather
         return self.split(self.rows[idx])
 
-    def sample(self, batch_size: int) -> Batch:
-        return self.gather(self.sample_indices(batch_size))
 
-
-# ALGO LOGIC: the two losses of Algorithm 1
-def td_target(
-    critic_target: TwinCritic,
-    denoiser: Denoiser,
-    schedule: DiffusionSchedule,
-    batch: Batch,
-    gamma: float,
-    target_noise: float,
-    temperature: float = 1.0,
-    clip: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+# ALGO LOGIC: Algorithm 1's two losses and their updates
+def td_target(critic_target, denoiser, schedule, batch: Batch, args: Args) -> tuple[torch.Tensor, torch.Tensor]:
     """y = r + gamma * mask * min_i Q_i_targ(s', a'), a' = clip(DDPM(s') + N(0, target_noise^2)). Returns (y, a')."""
     with torch.no_grad():
-        next_actions = ddpm_sample(denoiser, schedule, batch.next_obs, temperature, clip)
-        noisy_next_actions = (next_actions + target_noise * torch.randn_like(next_actions)).clamp(-1.0, 1.0)
+        next_actions = ddpm_sample(denoiser, schedule, batch.next_obs, args.ddpm_temperature, args.clip_sampler)
+        noisy_next_actions = (next_actions + args.target_noise * torch.randn_like(next_actions)).clamp(-1.0, 1.0)
         next_q = critic_target(batch.next_obs, noisy_next_actions).min(dim=0).values  # (B,)
-        return batch.rewards + gamma * batch.masks * next_q, next_actions
-
-
-def qsm_target(critic: TwinCritic, obs: torch.Tensor, noisy_actions: torch.Tensor, M_q: float) -> torch.Tensor:
-    """-M_q * grad_a Q(s, a_t), grad_a Q the mean of the twin critics' action gradients: (B, A)."""
-    return -M_q * critic.action_grad(obs, noisy_actions).mean(dim=0)
-
-
-def qsm_loss(
-    denoiser: Denoiser, critic: TwinCritic, schedule: DiffusionSchedule, batch: Batch, M_q: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Q-score matching loss on replay actions: mean (eps_theta(s, a_t, t) - (-M_q grad_a Q(s, a_t)))^2.
-
-    Returns (loss, target). The denoiser predicts noise and the reverse step subtracts it, so matching -M_q grad_a Q
-    makes every denoising step climb Q. Only the denoiser is differentiated, never the sampling chain."""
-    B = batch.actions.shape[0]
-    t = torch.randint(0, schedule.T, (B,), device=batch.actions.device)  # t ~ U{0..T-1}
-    noise = torch.randn_like(batch.actions)  # eps ~ N(0, I)
-    alpha_bar = schedule.alpha_bars_t[t].unsqueeze(-1)
-    noisy_actions = alpha_bar.sqrt() * batch.actions + (1.0 - alpha_bar).sqrt() * noise  # a_t, (B, A)
-    target = qsm_target(critic, batch.obs, noisy_actions, M_q)  # -M_q * grad_a Q(s, a_t), (B, A)
-    eps_pred = denoiser(batch.obs, noisy_actions, t, schedule.T)  # (B, A)
-    target, eps_pred = target.float(), eps_pred.float()  # no-ops, except under --bf16
-    loss = (eps_pred - target).pow(2).mean()  # eps_theta(s, a_t, t) -> -M_q * grad_a Q(s, a_t)
-    return loss, target
+        return batch.rewards + args.gamma * batch.masks * next_q, next_actions
 
 
 def critic_loss(critic, critic_target, denoiser, schedule, batch: Batch, args: Args) -> tuple[torch.Tensor, dict]:
-    """TD loss of both critics: the official code's mean over critics and batch. Returns (loss, detached metrics)."""
-    y, next_actions = td_target(
-        critic_target, denoiser, schedule, batch, args.gamma, args.target_noise, args.ddpm_temperature,
-        args.clip_sampler,
-    )  # fmt: skip
-    q = critic(batch.obs, batch.actions).float()  # (2, B); .float(): a no-op, except under --bf16
-    qf_losses = (q - y).pow(2).mean(dim=1)  # per critic MSE, (2,)
-    metrics = {
-        "losses/qf1_loss": qf_losses[0].detach(),
-        "losses/qf2_loss": qf_losses[1].detach(),
-        "losses/qf1_values": q[0].mean().detach(),
-        "losses/qf2_values": q[1].mean().detach(),
-        "losses/td_target": y.mean(),
-        # share of sampled action components at +-1: QSM with a clip every step tends to bang-bang policies
-        "charts/action_saturation": (next_actions.abs() >= 1.0).float().mean(),
-    }
-    return qf_losses.mean(), metrics
+    """sum_i mean_batch (Q_i(s, a) - y)^2: each critic on its own MSE, as the official code (a mean over the critics
+    would halve each one's gradient). Returns (loss, detached metrics)."""
+    y, next_actions = td_target(critic_target, denoiser, schedule, batch, args)
+    q = critic(batch.obs, batch.actions).float()  # (num_q, B); .float(): a no-op, except under --bf16
+    qf_losses = (q - y).pow(2).mean(dim=1)  # (num_q,)
+    metrics = {"losses/qf1_loss": qf_losses[0].detach(), "losses/qf2_loss": qf_losses[1].detach(),
+               "losses/qf1_values": q[0].mean().detach(), "losses/qf2_values": q[1].mean().detach(),
+               "losses/td_target": y.mean(),  # and the share of sampled actions at +-1 (QSM tends to bang-bang):
+               "charts/action_saturation": (next_actions.abs() >= 1.0).float().mean()}  # fmt: skip
+    return qf_losses.sum(), metrics
 
 
-def update_critic(critic, critic_target, denoiser, critic_optimizer, schedule, batch: Batch, args: Args) -> dict:
-    """One TD step on both critics, then the Polyak step of the targets. Returns detached metrics (no syncs)."""
-    loss, metrics = critic_loss(critic, critic_target, denoiser, schedule, batch, args)
-    critic_optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    critic_optimizer.step()
-    with torch.no_grad():  # theta_targ <- (1 - tau) theta_targ + tau theta
-        torch._foreach_lerp_(list(critic_target.parameters()), list(critic.parameters()), args.tau)
-    return metrics
+def qsm_target(critic, obs: torch.Tensor, noisy_actions: torch.Tensor, M_q: float) -> torch.Tensor:
+    """-M_q * grad_a Q(s, a_t), Q the mean of the critics, by autograd on the critic's own forward: (B, A)."""
+    with torch.no_grad():  # a constant target: no gradient reaches the critics (torch.func.grad still differentiates)
+        # Q(s_j, a_j) depends on a_j alone, so the gradient of the batch sum holds each sample's own grad_a Q
+        return -M_q * torch.func.grad(lambda a: critic(obs, a).mean(dim=0).sum())(noisy_actions)
 
 
-def update_actor(denoiser, critic, actor_optimizer, schedule, batch: Batch, args: Args) -> dict:
-    """One QSM step on the denoiser against the current critics. Returns detached metrics (no syncs)."""
-    loss, target = qsm_loss(denoiser, critic, schedule, batch, args.M_q)
-    actor_optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    actor_optimizer.step()
-    # |grad_a Q| per sample: if it collapses to ~0 or explodes, the score target does too
-    return {"losses/actor_loss": loss.detach(), "losses/q_grad_norm": target.norm(dim=-1).mean() / args.M_q}
+def qsm_loss(denoiser, critic, schedule, batch: Batch, M_q: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean (eps_theta(s, a_t, t) - (-M_q grad_a Q(s, a_t)))^2 at noised replay actions; returns (loss, target).
+    eps_theta predicts noise and each reverse step subtracts it, so matching -M_q grad_a Q makes every denoising step
+    climb Q. Only the denoiser is differentiated, never the sampling chain."""
+    t = torch.randint(0, schedule.T, batch.actions.shape[:1], device=batch.actions.device)  # t ~ U{0..T-1}, (B,)
+    noise = torch.randn_like(batch.actions)  # eps ~ N(0, I)
+    alpha_bar = schedule.alpha_bars_t[t].unsqueeze(-1)  # (B, 1)
+    noisy_actions = alpha_bar.sqrt() * batch.actions + (1.0 - alpha_bar).sqrt() * noise  # a_t, (B, A)
+    target = qsm_target(critic, batch.obs, noisy_actions, M_q).float()  # .float(): a no-op, except under --bf16
+    eps_pred = denoiser(batch.obs, noisy_actions, t).float()  # (B, A)
+    return (eps_pred - target).pow(2).mean(), target  # eps_theta(s, a_t, t) -> -M_q * grad_a Q(s, a_t)
+
+
+@dataclasses.dataclass
+class Agent:
+    critic: TwinCritic
+    critic_target: TwinCritic
+    denoiser: Denoiser
+    critic_optimizer: torch.optim.Optimizer
+    actor_optimizer: torch.optim.Optimizer
+    actor_scheduler: torch.optim.lr_scheduler.LambdaLR
+    schedule: DiffusionSchedule
 
 
 def cosine_decay(step: int, decay_steps: int) -> float:
@@ -550,64 +372,83 @@ def cosine_decay(step: int, decay_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(step, decay_steps) / decay_steps))
 
 
-def build_agent(obs_dim: int, action_dim: int, args: Args, device) -> tuple:
-    """(critic, critic_target, denoiser, critic_optimizer, actor_optimizer, actor_scheduler), as Algorithm 1 starts."""
+def build_agent(obs_dim: int, action_dim: int, args: Args, device) -> Agent:
+    """Algorithm 1's start: twin critics, targets equal to them, the denoiser, and their Adam optimisers."""
     critic = TwinCritic(obs_dim, action_dim, args.critic_hidden_dims).to(device)
-    critic_target = TwinCritic(obs_dim, action_dim, args.critic_hidden_dims).to(device)
+    critic_target = TwinCritic(obs_dim, action_dim, args.critic_hidden_dims).to(device).requires_grad_(False)
     critic_target.load_state_dict(critic.state_dict())
-    critic_target.requires_grad_(False)
     denoiser = Denoiser(obs_dim, action_dim, args.actor_hidden_dims).to(device)
-
-    # fused: one kernel for the whole Adam step (about 6x faster than the per-tensor default on the CPU).
-    # A CUDA graph replays the step, so there the step counters and learning rates live on the GPU (capturable).
-    def lr(value: float) -> float | torch.Tensor:
-        return torch.tensor(value, device=device) if args.cudagraphs else value
-
+    # fused: one kernel per Adam step; under CUDA graphs the steps and learning rates live on the GPU (capturable)
+    lr = (lambda value: torch.tensor(value, device=device)) if args.cudagraphs else float
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr(args.critic_lr), fused=True, capturable=args.cudagraphs)
     actor_optimizer = torch.optim.Adam(denoiser.parameters(), lr(args.actor_lr), fused=True, capturable=args.cudagraphs)
-    actor_scheduler = torch.optim.lr_scheduler.LambdaLR(
-        actor_optimizer, lambda step: cosine_decay(step, args.actor_lr_decay_steps)
-    )
-    return critic, critic_target, denoiser, critic_optimizer, actor_optimizer, actor_scheduler
+    scheduler = torch.optim.lr_scheduler.LambdaLR(actor_optimizer, lambda k: cosine_decay(k, args.actor_lr_decay_steps))
+    schedule = DiffusionSchedule(args.beta_schedule, args.T, device)
+    return Agent(critic, critic_target, denoiser, critic_optimizer, actor_optimizer, scheduler, schedule)
 
 
-def autocast(device: torch.device, args: Args) -> torch.autocast:
-    """--bf16: matrix products in bfloat16 (2x the fp32 rate on a CPU with AVX-512 BF16, tensor cores on a GPU)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+def update_critic(agent: Agent, batch: Batch, args: Args) -> dict:
+    """One TD step on the critics, then the Polyak step of the targets. Returns detached metrics (no syncs)."""
+    loss, metrics = critic_loss(agent.critic, agent.critic_target, agent.denoiser, agent.schedule, batch, args)
+    agent.critic_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    agent.critic_optimizer.step()
+    with torch.no_grad():  # theta_targ <- (1 - tau) theta_targ + tau theta
+        torch._foreach_lerp_(list(agent.critic_target.parameters()), list(agent.critic.parameters()), args.tau)
+    return metrics
 
 
-def train_step(
-    batch: Batch, critic, critic_target, denoiser, critic_optimizer, actor_optimizer, schedule, args
-) -> dict:
-    """Algorithm 1's update: a TD step on the twin critics, then a score step on the denoiser, on one batch."""
-    with autocast(batch.obs.device, args):
-        metrics = update_critic(critic, critic_target, denoiser, critic_optimizer, schedule, batch, args)
-        return metrics | update_actor(denoiser, critic, actor_optimizer, schedule, batch, args)
+def update_actor(agent: Agent, batch: Batch, args: Args) -> dict:
+    """One QSM step on the denoiser against the critics just updated. Returns detached metrics (no syncs); if
+    q_grad_norm, the mean |grad_a Q|, collapses to ~0 or explodes, the score target does too."""
+    loss, target = qsm_loss(agent.denoiser, agent.critic, agent.schedule, batch, args.M_q)
+    agent.actor_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    agent.actor_optimizer.step()
+    return {"losses/actor_loss": loss.detach(), "losses/q_grad_norm": target.norm(dim=-1).mean() / args.M_q}
 
 
-def act(denoiser, schedule, obs: torch.Tensor, args: Args) -> torch.Tensor:
-    """The behaviour policy: a = clip(DDPM(s) + N(0, exploration_noise^2), -1, 1). Float32 also under --bf16: one
-    state at a time, the casts to bfloat16 would cost more than its products save (measured on CPU and GPU)."""
-    a = ddpm_sample(denoiser, schedule, obs, args.ddpm_temperature, args.clip_sampler)
-    return (a + args.exploration_noise * torch.randn_like(a)).clamp(-1.0, 1.0)
+def train_step(agent: Agent, batch: Batch, args: Args) -> dict:
+    """Algorithm 1's update on one batch: a TD step on the critics, then a score step on the denoiser."""
+    with torch.autocast(batch.obs.device.type, torch.bfloat16, enabled=args.bf16):  # --bf16: products in bfloat16
+        return update_critic(agent, batch, args) | update_actor(agent, batch, args)
+
+
+# TRY NOT TO MODIFY: evaluation, speed, checkpoints, argument checks
+def evaluate(envs: list[DMCEnv], denoiser, schedule, args: Args, device, video: str | None = None) -> np.ndarray:
+    """One episode per env, side by side, no exploration noise; env i reseeded with seed + 10000 + i every time."""
+    for i, env in enumerate(envs):
+        env.env.task.random.seed(args.seed + 10_000 + i)
+    obs = np.stack([env.reset() for env in envs])
+    returns, running, frames = np.zeros(len(envs)), np.ones(len(envs), dtype=bool), []
+    while running.any():
+        if video and running[0]:  # film the first episode
+            frames.append(envs[0].env.physics.render(height=240, width=320, camera_id=0))
+        obs_t = torch.as_tensor(obs[running], device=device)
+        actions = ddpm_sample(denoiser, schedule, obs_t, args.ddpm_temperature, args.clip_sampler).cpu().numpy()
+        for action, i in zip(actions, np.flatnonzero(running), strict=True):
+            obs[i], reward, _, done = envs[i].step(action)
+            returns[i] += reward
+            running[i] = not done
+    if video:
+        import imageio  # only with --capture-video
+
+        os.makedirs(os.path.dirname(video), exist_ok=True)
+        fps = min(60, round(1 / (envs[0].env.control_timestep() * args.action_repeat)))
+        imageio.mimwrite(video, frames, fps=fps, macro_block_size=8)
+    return returns
 
 
 class CudaGraph:
-    """Calls `fn(x)`, x a tensor, by replaying a CUDA graph: one launch for the hundreds of small kernels of an update,
-    which otherwise cost more in Python and launch overhead than in arithmetic (LeanRL's trick, written out).
-
-    The first `warmup` calls run eagerly on a side stream (compilation, optimiser state, cuBLAS workspaces) and are
-    real calls; the next one is captured, then every call copies x into the captured input and replays.
-    Replay is exact only because `fn` reads nothing but its input and tensors updated in place (parameters,
-    optimiser states, tensor learning rates) and never syncs with the host. Outputs are overwritten by the next call."""
+    """fn(x) replayed from a CUDA graph: one launch for an update's hundreds of kernels (LeanRL's trick). `warmup` real
+    eager calls, then a capture; exact as fn reads only x and tensors updated in place. Outputs get overwritten."""
 
     def __init__(self, fn, warmup: int = 3):
         self.fn, self.warmup, self.graph, self.input = fn, warmup, None, None
 
     def __call__(self, x: torch.Tensor):
-        if self.input is None:  # every call, warm-ups too, reads this: torch.compile never recompiles in a capture
-            self.input = x.clone()
-        self.input.copy_(x)
+        # every call, warm-ups too, reads the same input tensor: torch.compile never recompiles in a capture
+        self.input = x.clone() if self.input is None else self.input.copy_(x)
         if self.warmup > 0:
             self.warmup -= 1
             stream = torch.cuda.Stream()
@@ -624,458 +465,335 @@ class CudaGraph:
         return self.outputs
 
 
-def evaluate(envs: list[DMCEnv], denoiser, schedule, args: Args, device, frames: list | None = None) -> np.ndarray:
-    """One full episode in each eval env, side by side (one batched DDPM sample per step), no exploration noise.
-
-    Eval env i is reseeded with seed + 10000 + i first: every evaluation starts from the same initial states, so
-    evaluations compare across steps and never depend on earlier ones (nor does a resumed run's)."""
-    for i, env in enumerate(envs):
-        env.env.task.random.seed(args.seed + 10_000 + i)
-    obs = np.stack([env.reset() for env in envs])
-    returns = np.zeros(len(envs))
-    running = np.ones(len(envs), dtype=bool)
-    while running.any():
-        if frames is not None and running[0]:  # film the first episode
-            frames.append(envs[0].render())
-        obs_t = torch.as_tensor(obs[running], device=device)
-        actions = ddpm_sample(denoiser, schedule, obs_t, args.ddpm_temperature, args.clip_sampler)
-        actions = actions.cpu().numpy()
-        for action, i in zip(actions, np.flatnonzero(running), strict=True):
-            next_obs, reward, _, done = envs[i].step(action)
-            returns[i] += reward
-            obs[i] = next_obs
-            running[i] = not done
-    return returns
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """torch.save to a temporary file, fsync, then rename: a crash never leaves a broken checkpoint at `path`."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-class CheckpointError(Exception):
-    pass
-
-
-class Checkpoint:
-    """A run's checkpoint directory: `state.pt` (everything but the replay buffer) and the buffer's rows in chunk
-    files, each rewritten only when rows in it changed, so a checkpoint of a large buffer costs the rows added since
-    the last one. Every file is written atomically and `state.pt`, renamed last, names the chunk files it needs:
-    a kill at any instant leaves the previous or the new checkpoint whole. Files it no longer needs are deleted."""
-
-    CHUNK_ROWS = 65_536
-
-    def __init__(self, directory: str):
-        self.dir = directory
-        self.chunks: dict[int, str] = {}  # chunk index -> file name, as named by the last state.pt written
-        self.saved_added = 0  # rb.added at the last save
-
-    def save(self, state: dict, rb: ReplayBuffer, step: int) -> None:
-        os.makedirs(self.dir, exist_ok=True)
-        chunks = dict(self.chunks)
-        for c in self.changed_chunks(rb):
-            rows = rb.rows[c * self.CHUNK_ROWS : min((c + 1) * self.CHUNK_ROWS, rb.size)]
-            chunks[c] = f"buffer-{c:05d}-{step}.pt"
-            save_checkpoint(os.path.join(self.dir, chunks[c]), rows.cpu().clone())
-        buffer = {"capacity": rb.capacity, "added": rb.added, "chunk_rows": self.CHUNK_ROWS, "chunks": chunks}
-        save_checkpoint(os.path.join(self.dir, "state.pt"), {**state, "buffer": buffer})
-        for name in set(self.chunks.values()) - set(chunks.values()):
-            os.remove(os.path.join(self.dir, name))
-        self.chunks, self.saved_added = chunks, rb.added
-
-    def changed_chunks(self, rb: ReplayBuffer) -> set[int]:
-        """The chunks that hold rows written since the last save (the ring may have wrapped around)."""
-        if rb.added - self.saved_added >= rb.capacity:
-            return set(range(math.ceil(rb.capacity / self.CHUNK_ROWS)))
-        changed, i = set(), self.saved_added
-        while i < rb.added:
-            pos = i % rb.capacity
-            changed.add(pos // self.CHUNK_ROWS)
-            i += min((pos // self.CHUNK_ROWS + 1) * self.CHUNK_ROWS, rb.capacity) - pos  # to the chunk's end
-        return changed
-
-    @staticmethod
-    def find(path: str) -> str:
-        """The checkpoint directory that `path` (a run directory, a checkpoint directory or its state.pt) means."""
-        for directory in (os.path.join(path, "checkpoint"), path, os.path.dirname(path)):
-            if os.path.isfile(os.path.join(directory, "state.pt")):
-                return directory
-        raise CheckpointError(f"--resume {path}: no checkpoint there (looked for {path}/checkpoint/state.pt)")
-
-    def load_state(self) -> dict:
-        try:
-            return torch.load(os.path.join(self.dir, "state.pt"), map_location="cpu", weights_only=True)
-        except Exception as error:  # truncated, corrupt or not a checkpoint at all
-            raise CheckpointError(f"--resume: {self.dir}/state.pt is truncated or corrupt ({type(error).__name__}); "
-                                  "resume from another checkpoint") from None  # fmt: skip
-
-    def load_buffer(self, buffer: dict, rb: ReplayBuffer) -> None:
-        for c, name in buffer["chunks"].items():
-            try:
-                rows = torch.load(os.path.join(self.dir, name), weights_only=True)
-            except Exception as error:
-                raise CheckpointError(
-                    f"--resume: {self.dir}/{name} is truncated or corrupt ({type(error).__name__})"
-                ) from None
-            rb.rows[c * buffer["chunk_rows"] : c * buffer["chunk_rows"] + len(rows)] = rows.to(rb.rows.device)
-        rb.added = buffer["added"]
-        self.chunks, self.saved_added = dict(buffer["chunks"]), rb.added
-
-
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
-def write_video(path: str, frames: list, env: DMCEnv) -> None:
-    import imageio  # only with --capture-video
+# the flags that may change when a run resumes without changing what it learns; any other change is named
+RUN_FIELDS = ("exp_name", "torch_deterministic", "cuda", "track", "wandb_project_name", "wandb_entity", "save_model",
+              "capture_video", "evaluate_model", "checkpoint_interval", "resume", "total_timesteps", "eval_interval",
+              "eval_episodes", "compile", "cudagraphs")  # fmt: skip
+RESUME_FIXED = ("env_id", "seed", "action_repeat", "buffer_size", "critic_hidden_dims", "actor_hidden_dims")
+POSITIVE = ("total_timesteps", "buffer_size", "batch_size", "critic_lr", "actor_lr", "actor_lr_decay_steps",
+            "critic_hidden_dims", "actor_hidden_dims", "T", "M_q", "utd_ratio", "eval_interval", "eval_episodes",
+            "action_repeat")  # fmt: skip
+NON_NEGATIVE = ("checkpoint_interval", "learning_starts", "ddpm_temperature", "exploration_noise", "target_noise")
+RANGES = {"seed": (lambda v: 0 <= v < 2**32, "in [0, 2^32)"), "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+          "tau": (lambda v: 0 < v <= 1, "in (0, 1]"), **dict.fromkeys(POSITIVE, (lambda v: v > 0, "positive")),
+          **dict.fromkeys(NON_NEGATIVE, (lambda v: v >= 0, ">= 0"))}  # fmt: skip
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fps = min(60, round(1 / (env.env.control_timestep() * env.action_repeat)))
-    imageio.mimwrite(path, frames, fps=fps, macro_block_size=8)
+
+def check_args(args: Args) -> str | None:
+    """The first problem with `args` as a one-line message naming the flag and the fix, or None."""
+    for name, (ok, rule) in RANGES.items():
+        value, flag = getattr(args, name), f"--{name.replace('_', '-')}"
+        if value == ():
+            return f"{flag} needs one or more positive sizes"
+        for v in value if isinstance(value, tuple) else (value,):
+            if not math.isfinite(v) or not ok(v):
+                return f"{flag} must be {rule if math.isfinite(v) else 'finite'}, got {v}"
+    try:
+        parse_env_id(args.env_id)
+        beta_schedule(args.beta_schedule, 1)
+    except ValueError as error:
+        return str(error)
+    if args.batch_size > args.buffer_size:
+        return f"--batch-size {args.batch_size} exceeds --buffer-size {args.buffer_size}; lower one or raise the other"
+    if args.cuda and not torch.cuda.is_available():
+        return "--cuda was given but torch sees no CUDA device; drop --cuda or install a CUDA build of torch (README)"
+    if args.cudagraphs and not args.cuda:
+        return "--cudagraphs needs a CUDA device (--cuda); drop --cudagraphs on the CPU"
+    return None
+
+
+def load_checkpoint(path: str, flag: str) -> tuple[str, dict]:
+    """(file, state) of a checkpoint or --save-model file, given it or its run directory; else a one-line error."""
+    file = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        fail(f"{flag} {path}: no checkpoint there (looked for {file})")
+    try:  # weights_only: loading runs no pickled code
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        return file, state | {"args": Args(**state["args"])}
+    except Exception as error:  # truncated, corrupt or not one of this script's files
+        fail(f"{flag} {file}: not a readable checkpoint or --save-model file ({type(error).__name__}); use another")
+
+
+def resume_args(args: Args) -> tuple[Args, str, dict]:
+    """--resume: the checkpoint's settings, overridden by the flags given now; returns (args, run dir, state)."""
+    file, state = load_checkpoint(args.resume, "--resume")
+    if "buffer" not in state:
+        fail(f"--resume {args.resume}: {file} is a --save-model file, not a checkpoint; use runs/RUN/checkpoint.pt")
+    saved = state["args"]  # the command line again, with the checkpoint's values as its defaults:
+    args = tyro.cli(Args, default=dataclasses.replace(saved, resume=args.resume, cuda=torch.cuda.is_available()))
+    changed = []
+    for name in (f.name for f in dataclasses.fields(Args) if f.name not in RUN_FIELDS):
+        value, was = (
+            " ".join(map(str, v)) if isinstance(v, tuple) else v for v in (vars(a)[name] for a in (args, saved))
+        )
+        flag = f"--{name.replace('_', '-')}"
+        if value != was and name in RESUME_FIXED:
+            fail(f"--resume: the checkpoint was trained with {flag} {was}, this run asks for {value}; drop {flag} to "
+                 "continue that run, or start a new one")  # fmt: skip
+        changed += [f"{flag} {value} (was {was})"] if value != was else []
+    if changed:
+        print(f"note: resuming with {', '.join(changed)}: the run no longer continues exactly", file=sys.stderr)
+    if args.total_timesteps < state["global_step"]:
+        fail(f"--resume: the checkpoint is at step {state['global_step']}, past --total-timesteps "
+             f"{args.total_timesteps}; raise --total-timesteps to train on")  # fmt: skip
+    return args, os.path.dirname(file) or ".", state
+
+
+def make_replay_buffer(args: Args, obs_dim: int, action_dim: int, device: torch.device) -> ReplayBuffer:
+    need = args.buffer_size * (2 * obs_dim + action_dim + 2) * 4  # float32 rows [s, a, r, s', mask]
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # the CPU allocates lazily: check up front
+    try:
+        if device.type == "cuda" or need <= ram:
+            return ReplayBuffer(args.buffer_size, obs_dim, action_dim, device)
+    except RuntimeError:  # out of memory
+        pass
+    fail(f"--buffer-size {args.buffer_size}: the replay buffer needs {need / 2**30:.1f} GiB, more than this "
+         f"{device.type} can allocate; lower --buffer-size")  # fmt: skip
+
+
+def numpy_rng_state(rng) -> tuple:  # a NumPy RandomState's state with its key as a tensor: weights_only loads it
+    return tuple(torch.from_numpy(v.astype(np.int64)) if isinstance(v, np.ndarray) else v for v in rng.get_state())
+
+
+def set_numpy_rng_state(rng, state: tuple) -> None:
+    rng.set_state(tuple(v.numpy().astype(np.uint32) if torch.is_tensor(v) else v for v in state))
+
+
+def agent_state(agent: Agent, args: Args) -> dict:
+    """The args, networks and optimisers: the --save-model file, and the core of every checkpoint."""
+    names = ("critic", "critic_target", "denoiser", "critic_optimizer", "actor_optimizer", "actor_scheduler")
+    return {"args": vars(args)} | {name: getattr(agent, name).state_dict() for name in names}
+
+
+def training_state(agent: Agent, args: Args, rb: ReplayBuffer, env: DMCEnv, step: int, episode: tuple) -> dict:
+    """Everything a run needs to go on exactly as if never stopped, the replay buffer's filled rows included."""
+    return agent_state(agent, args) | {
+        "global_step": step, "env": env.get_state(), "episode": [torch.from_numpy(episode[0]), *episode[1:]],
+        "buffer": {"rows": rb.rows[: rb.size].cpu().clone(), "added": rb.added},  # a clone: a view saves all rows
+        "wandb_id": wandb.run.id if args.track else None,
+        "rng": {"python": random.getstate(), "numpy": numpy_rng_state(np.random), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None},
+    }  # fmt: skip
+
+
+def save_atomic(path: str, state: dict) -> None:
+    """torch.save to a temporary file, fsync, rename: a kill at any instant leaves the old file or the new one."""
+    with open(f"{path}.tmp", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f"{path}.tmp", path)
+
+
+def restore(state: dict, agent: Agent, args: Args, rb: ReplayBuffer, env: DMCEnv) -> tuple:
+    """Loads a checkpoint into the run; returns the current episode (obs, return, length, last return)."""
+    for name in ("critic", "critic_target", "denoiser", "actor_scheduler"):
+        getattr(agent, name).load_state_dict(state[name])
+    agent.actor_scheduler.base_lrs = [args.actor_lr]  # a resumed run may change the learning rates
+    actor_lr = args.actor_lr * cosine_decay(agent.actor_scheduler.last_epoch, args.actor_lr_decay_steps)
+    for name, lr in (("critic_optimizer", args.critic_lr), ("actor_optimizer", actor_lr)):
+        getattr(agent, name).load_state_dict(state[name])
+        for group in getattr(agent, name).param_groups:  # this run's rate and graph setting (--cudagraphs may differ)
+            group["capturable"] = args.cudagraphs
+            group["lr"] = torch.tensor(lr, device=rb.rows.device) if args.cudagraphs else lr
+    rows = state["buffer"]["rows"]
+    rb.rows[: len(rows)], rb.added = rows.to(rb.rows.device), state["buffer"]["added"]
+    env.set_state(state["env"])
+    random.setstate(state["rng"]["python"])
+    set_numpy_rng_state(np.random, state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if rb.rows.is_cuda and state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    return state["episode"][0].numpy(), *state["episode"][1:]
 
 
 def evaluate_model(args: Args) -> None:
     """--evaluate-model PATH: the saved policy, --eval-episodes episodes (the usual eval seeds), no training."""
-    path = args.evaluate_model
-    try:
-        state = torch.load(Checkpoint.find(path) + "/state.pt" if os.path.isdir(path) else path, map_location="cpu",
-                           weights_only=True)  # fmt: skip
-        saved = Args(**state["args"])
-    except Exception as error:  # missing, truncated, or not one of this script's files
-        fail(f"--evaluate-model {path}: not a readable --save-model file or checkpoint ({type(error).__name__})")
+    file, state = load_checkpoint(args.evaluate_model, "--evaluate-model")
     device = torch.device("cuda" if args.cuda else "cpu")
-    args = dataclasses.replace(saved, cuda=args.cuda, eval_episodes=args.eval_episodes, seed=args.seed,
+    args = dataclasses.replace(state["args"], cuda=args.cuda, eval_episodes=args.eval_episodes, seed=args.seed,
                                capture_video=args.capture_video, cudagraphs=False)  # fmt: skip
     envs = [DMCEnv(args.env_id, args.seed + 10_000 + i, args.action_repeat) for i in range(args.eval_episodes)]
     denoiser = Denoiser(envs[0].obs_dim, envs[0].action_dim, args.actor_hidden_dims).to(device)
     denoiser.load_state_dict(state["denoiser"])
-    frames = [] if args.capture_video else None
+    video = f"videos/{os.path.basename(os.path.dirname(os.path.abspath(file)))}/evaluate.mp4"
     torch.manual_seed(args.seed)
-    returns = evaluate(envs, denoiser, DiffusionSchedule(args.beta_schedule, args.T, device), args, device, frames)
+    returns = evaluate(envs, denoiser, DiffusionSchedule(args.beta_schedule, args.T, device), args, device,
+                       video if args.capture_video else None)  # fmt: skip
     print(f"{args.env_id}: eval return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes "
           f"({', '.join(f'{r:.1f}' for r in returns)})")  # fmt: skip
-    if frames:
-        name = os.path.basename(os.path.dirname(os.path.abspath(path))) if os.path.isfile(path) else path.strip("/")
-        write_video(f"videos/{name}/evaluate.mp4", frames, envs[0])
-        print(f"video: videos/{name}/evaluate.mp4")
+    if args.capture_video:
+        print(f"video: {video}")
 
 
-# LONG RUNS: resume, checkpoints, offline tracking
-RESUME_FIXED = ("env_id", "seed", "action_repeat", "buffer_size", "critic_hidden_dims", "actor_hidden_dims")
-
-
-def resume_args(args: Args) -> tuple[Args, Checkpoint, dict]:
-    """--resume: the checkpoint's settings, overridden by the flags given now. The task, the seed and the shapes of
-    the networks and the buffer must stay; any other change is allowed (a lower learning rate after a NaN, say),
-    and named, since the run then no longer continues exactly."""
-    checkpoint = Checkpoint(Checkpoint.find(args.resume))
-    state = checkpoint.load_state()
-    saved = Args(**state["args"])
-    defaults = dataclasses.replace(saved, resume=args.resume, cuda=torch.cuda.is_available())
-    args = tyro.cli(Args, default=defaults)  # the command line again, with the checkpoint's values as defaults
-    changed = []
-    for name in ALGORITHM_FIELDS:
-        value, was = getattr(args, name), getattr(saved, name)
-        if value != was:
-            value, was = (" ".join(map(str, v)) if isinstance(v, tuple) else v for v in (value, was))
-            flag = f"--{name.replace('_', '-')}"
-            if name in RESUME_FIXED:
-                raise CheckpointError(f"--resume: the checkpoint was trained with {flag} {was}, this run asks for "
-                                      f"{value}; drop {flag} to continue that run, or start a new one")  # fmt: skip
-            changed.append(f"{flag} {value} (was {was})")
-    if changed:
-        print(f"note: resuming with {', '.join(changed)}: the run no longer continues exactly", file=sys.stderr)
-    for name in state["buffer"]["chunks"].values():
-        if not os.path.isfile(os.path.join(checkpoint.dir, name)):
-            raise CheckpointError(f"--resume: {checkpoint.dir}/{name}, part of the checkpoint, is missing")
-    if args.total_timesteps < state["global_step"]:
-        raise CheckpointError(f"--resume: the checkpoint is at step {state['global_step']}, past --total-timesteps "
-                              f"{args.total_timesteps}; raise --total-timesteps to train on")  # fmt: skip
-    return args, checkpoint, state
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, state: dict, lr: float, args: Args, device) -> None:
-    """The saved Adam state, with this run's learning rate and graph setting (a run may resume with --cudagraphs)."""
-    optimizer.load_state_dict(state)
-    for group in optimizer.param_groups:
-        group["capturable"] = args.cudagraphs
-        group["lr"] = torch.tensor(lr, device=device) if args.cudagraphs else lr
-
-
-def wandb_reachable(timeout: float = 3.0) -> bool:
+def start_wandb(args: Args, run_name: str, wandb_id: str | None) -> None:
     url = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-        return True
-    except OSError:
-        return False
+    if os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
+        try:  # no network: log offline, upload later
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), 3.0).close()
+        except OSError:
+            os.environ["WANDB_MODE"] = "offline"
+            print("wandb: no network; logging offline to ./wandb (upload later: wandb sync --sync-all)",
+                  file=sys.stderr)  # fmt: skip
+    wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+               name=run_name, save_code=True, id=wandb_id, resume="allow")  # fmt: skip
+
+
+def evaluate_and_log(agent: Agent, args: Args, eval_envs, probe_obs, writer, step: int) -> float:
+    """Logs eval returns, the probe state's actions (paper, Fig. 4), a video; returns its seconds. RNGs forked."""
+    start, video = time.time(), f"videos/{os.path.basename(os.path.abspath(writer.log_dir))}/step_{step}.mp4"
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if probe_obs.is_cuda else []):
+        returns = evaluate(eval_envs, agent.denoiser, agent.schedule, args, probe_obs.device,
+                           video if args.capture_video else None)  # fmt: skip
+        probe = ddpm_sample(agent.denoiser, agent.schedule, probe_obs.expand(1000, -1), args.ddpm_temperature,
+                            args.clip_sampler).cpu()  # fmt: skip
+    writer.add_scalar("eval/episodic_return", returns.mean(), step)
+    writer.add_scalar("eval/episodic_return_std", returns.std(), step)
+    for dim in range(probe.shape[1]):
+        writer.add_histogram(f"eval/action_dim_{dim}", probe[:, dim], step)
+    tqdm.write(f"step {step}: eval return {returns.mean():.1f} +- {returns.std():.1f}")
+    if args.capture_video and args.track:
+        wandb.log({"videos/eval": wandb.Video(video, format="mp4")})
+    return time.time() - start
+
+
+def check_finite(finite: torch.Tensor, metrics: dict, step: int, last_checkpoint: str | None) -> None:
+    """NaN/Inf guard, read (one sync) when logging and before every checkpoint: no checkpoint ever holds a NaN."""
+    if not finite:
+        bad = [f"{k} ({v.item():.4g})" for k, v in metrics.items() if not torch.isfinite(v)] or ["a loss"]
+        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
+        fail(f"non-finite {', '.join(bad)} by step {step}; {where} (--resume it with, e.g., a lower --critic-lr)")
+
+
+STOP = []  # SIGTERM (Slurm pre-emption, kill) or SIGINT (Ctrl-C): finish the step, checkpoint, exit
+
+
+def request_stop(signum, frame) -> None:
+    STOP.append(signal.Signals(signum).name)
+    signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once; the last checkpoint stays whole
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    saved = None  # the checkpoint's training state when resuming
+    args, run_dir, saved = tyro.cli(Args), None, None
     if args.resume:
-        try:
-            args, checkpoint, saved = resume_args(args)
-        except CheckpointError as error:
-            fail(str(error))
-    problem = check_args(args)
-    if problem:
+        args, run_dir, saved = resume_args(args)
+    if problem := check_args(args):
         fail(problem)
     if args.evaluate_model:
-        evaluate_model(args)
-        sys.exit(0)
+        sys.exit(evaluate_model(args))
 
-    # TRY NOT TO MODIFY: logging, seeding, devices
-    from absl import logging as absl_logging
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
-
-    absl_logging.set_verbosity(absl_logging.ERROR)  # dm_control's deprecation chatter
-    if saved is None:
-        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_dir = f"runs/{run_name}"
-        checkpoint = Checkpoint(f"{run_dir}/checkpoint")
-    else:
-        run_dir = os.path.dirname(checkpoint.dir)
-        run_name = os.path.basename(run_dir)
-    if args.track:
-        import wandb
-
-        if os.environ.get("WANDB_MODE") not in ("offline", "disabled") and not wandb_reachable():
-            os.environ["WANDB_MODE"] = "offline"
-            print(
-                "wandb: no network; logging offline to ./wandb (upload later: wandb sync --sync-all)", file=sys.stderr
-            )
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-            id=saved["wandb_id"] if saved and saved["wandb_id"] else None,
-            resume="allow",
-        )
-    # when resuming, TensorBoard drops what the stopped run logged after its checkpoint
-    writer = SummaryWriter(run_dir, purge_step=saved["global_step"] if saved else None)
-    if saved is None:
-        writer.add_text(
-            "hyperparameters",
-            "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
-        )
-
+    # TRY NOT TO MODIFY: seeding, the environments, the agent, logging
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if args.cuda else "cpu")
     if args.bf16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        print("warning: this CPU has no bfloat16 matrix instructions; --bf16 runs slower than float32 here",
-              file=sys.stderr)  # fmt: skip
-
-    # environment setup: the task seeded with the run's seed, the eval tasks with others
+        print("warning: this CPU has no bfloat16 matrix instructions; --bf16 runs slower than float32", file=sys.stderr)
+    absl_logging.set_verbosity(absl_logging.ERROR)  # dm_control's deprecation chatter
+    # the task seeded with the run's seed, the eval tasks with others; one fixed state to probe the policy (Fig. 4)
     env = DMCEnv(args.env_id, args.seed, args.action_repeat)
     eval_envs = [DMCEnv(args.env_id, args.seed + 10_000 + i, args.action_repeat) for i in range(args.eval_episodes)]
-    # one fixed initial state at which every evaluation also logs the policy's action distribution (paper, Fig. 4)
     probe_obs = torch.as_tensor(DMCEnv(args.env_id, args.seed + 20_000).reset(), device=device)
-    obs_dim, action_dim = env.obs_dim, env.action_dim
+    agent = build_agent(env.obs_dim, env.action_dim, args, device)
+    rb = make_replay_buffer(args, env.obs_dim, env.action_dim, device)
+    run_dir = run_dir or f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name, checkpoint = os.path.basename(os.path.abspath(run_dir)), f"{run_dir}/checkpoint.pt"
+    if args.track:
+        import wandb
 
-    critic, critic_target, denoiser, critic_optimizer, actor_optimizer, actor_scheduler = build_agent(
-        obs_dim, action_dim, args, device
-    )
-    schedule = DiffusionSchedule(args.beta_schedule, args.T, device)
-    rb = ReplayBuffer(args.buffer_size, obs_dim, action_dim, device)
+        start_wandb(args, run_name, saved and saved["wandb_id"])
+    writer = SummaryWriter(run_dir, purge_step=saved and saved["global_step"])  # a resume drops logs past its step
+    if not saved:
+        table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
 
-    if args.compile:
-        # Rebinds the module's names, so the updates, acting and evaluation all call the compiled versions. Only the
-        # losses (forward and backward graphs) and the sampler: zero_grad, backward and the optimiser step would
-        # break the graph, and the fused Adam step is a single kernel already.
+    if args.compile:  # rebinds the module's names: updates, acting and evaluation all call the compiled versions
         critic_loss, qsm_loss, ddpm_sample = map(torch.compile, (critic_loss, qsm_loss, ddpm_sample))
 
-    def update(idx: torch.Tensor) -> dict:  # gathers its batch itself, so a CUDA graph replays the gather too
-        batch = rb.gather(idx)
-        return train_step(batch, critic, critic_target, denoiser, critic_optimizer, actor_optimizer, schedule, args)
+    def update(idx: torch.Tensor) -> dict:  # gathers its own batch: a CUDA graph replays the gather too
+        return train_step(agent, rb.gather(idx), args)
 
     def policy(obs: torch.Tensor) -> torch.Tensor:
-        return act(denoiser, schedule, obs, args)
+        return act(agent.denoiser, agent.schedule, obs, args)
 
     if args.cudagraphs:
         update, policy = CudaGraph(update), CudaGraph(policy)
 
-    def agent_state() -> dict:
-        """The args, networks and optimisers: the --save-model file, and the core of every checkpoint."""
-        return {
-            "args": vars(args),
-            "critic": critic.state_dict(),
-            "critic_target": critic_target.state_dict(),
-            "denoiser": denoiser.state_dict(),
-            "critic_optimizer": critic_optimizer.state_dict(),
-            "actor_optimizer": actor_optimizer.state_dict(),
-            "actor_scheduler": actor_scheduler.state_dict(),
-        }
-
-    def training_state(next_step: int) -> dict:
-        """Everything a run needs to go on exactly as if never stopped; the replay buffer is saved beside it."""
-        return {
-            **agent_state(),
-            "global_step": next_step,
-            "wandb_id": wandb.run.id if args.track else None,
-            "env": env.get_state(),
-            "episode": {
-                "obs": torch.from_numpy(obs),
-                "return": episode_return,
-                "length": episode_length,
-                "last_return": last_return,
-            },
-            "rng": {
-                "python": random.getstate(),
-                "numpy": get_numpy_rng_state(np.random),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-            },
-        }
-
     # TRY NOT TO MODIFY: start the game
-    obs = env.reset()
-    episode_return, episode_length, last_return = 0.0, 0, float("nan")
-    start = 0
-    if saved is not None:
-        critic.load_state_dict(saved["critic"])
-        critic_target.load_state_dict(saved["critic_target"])
-        denoiser.load_state_dict(saved["denoiser"])
-        load_optimizer(critic_optimizer, saved["critic_optimizer"], args.critic_lr, args, device)
-        actor_scheduler.load_state_dict(saved["actor_scheduler"])
-        actor_scheduler.base_lrs = [args.actor_lr]
-        lr = args.actor_lr * cosine_decay(actor_scheduler.last_epoch, args.actor_lr_decay_steps)  # as LambdaLR has it
-        load_optimizer(actor_optimizer, saved["actor_optimizer"], lr, args, device)
-        try:
-            checkpoint.load_buffer(saved["buffer"], rb)
-        except CheckpointError as error:
-            fail(str(error))
-        env.set_state(saved["env"])
-        episode = saved["episode"]
-        obs, episode_return, episode_length = episode["obs"].numpy(), episode["return"], episode["length"]
-        last_return, start = episode["last_return"], saved["global_step"]
-        random.setstate(saved["rng"]["python"])
-        set_numpy_rng_state(np.random, saved["rng"]["numpy"])
-        torch.set_rng_state(saved["rng"]["torch"])
-        if device.type == "cuda" and saved["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(saved["rng"]["cuda"])
+    obs, episode_return, episode_length, last_return = env.reset(), 0.0, 0, float("nan")
+    start, last_checkpoint = 0, None
+    if saved:
+        obs, episode_return, episode_length, last_return = restore(saved, agent, args, rb, env)
+        start, last_checkpoint = saved["global_step"], f"{checkpoint} (step {saved['global_step']})"
         print(f"resumed {run_dir} at step {start}", file=sys.stderr)
-
-    stop_signal = []  # SIGTERM (Slurm pre-emption, kill) or SIGINT (Ctrl-C): finish the step, checkpoint, exit
-
-    def request_stop(signum, frame):
-        stop_signal.append(signal.Signals(signum).name)
-        signal.signal(signum, signal.SIG_DFL)  # a second one stops at once; the last checkpoint stays whole
-
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     finite = torch.ones((), dtype=torch.bool, device=device)  # all losses and Q values since the last check
-    last_checkpoint = f"{checkpoint.dir} (step {start})" if saved is not None else None
-
-    def check_finite(step: int) -> None:
-        """NaN/Inf guard: checked (one sync) when logging and before every checkpoint, so none holds a NaN."""
-        if not finite:
-            bad = [f"{k} ({v.item():.4g})" for k, v in metrics.items() if not torch.isfinite(v)] or ["a loss"]
-            where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
-            fail(f"non-finite {', '.join(bad)} by step {step}; {where} (--resume it with, e.g., a lower --critic-lr)")
-
-    def evaluate_and_log(steps_done: int) -> float:
-        """Evaluates the policy, logs it at steps_done (returns, the probe state's actions, a video); returns the
-        seconds it took. Deterministic given the networks and the RNG state: eval envs are reseeded, RNGs forked."""
-        eval_start = time.time()
-        gpus = [torch.cuda.current_device()] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=gpus):  # evaluating never moves the training's random numbers
-            frames = [] if args.capture_video else None
-            returns = evaluate(eval_envs, denoiser, schedule, args, device, frames)
-            probe_actions = ddpm_sample(denoiser, schedule, probe_obs.expand(1000, -1), args.ddpm_temperature,
-                                        args.clip_sampler).cpu()  # fmt: skip
-        writer.add_scalar("eval/episodic_return", returns.mean(), steps_done)
-        writer.add_scalar("eval/episodic_return_std", returns.std(), steps_done)
-        for dim in range(action_dim):
-            writer.add_histogram(f"eval/action_dim_{dim}", probe_actions[:, dim], steps_done)
-        pbar.write(f"step {steps_done}: eval return {returns.mean():.1f} +- {returns.std():.1f}")
-        if frames:
-            video = f"videos/{run_name}/step_{steps_done}.mp4"
-            write_video(video, frames, eval_envs[0])
-            if args.track:
-                wandb.log({"videos/eval": wandb.Video(video, format="mp4")})
-        return time.time() - eval_start
-
+    if saved and start % args.eval_interval < args.action_repeat:  # the purge dropped this step's evaluation: redo it
+        evaluate_and_log(agent, args, eval_envs, probe_obs, writer, start)
     start_time, start_step = time.time(), None
     pbar = tqdm(range(start, args.total_timesteps, args.action_repeat), unit="step", unit_scale=args.action_repeat,
                 initial=start // args.action_repeat, total=args.total_timesteps // args.action_repeat)  # fmt: skip
-    if saved is not None and start % args.eval_interval < args.action_repeat:
-        # the stopped run evaluated at its checkpoint's step, then the purge above dropped that log: evaluate again
-        evaluate_and_log(start)
     for global_step in pbar:
-        # ALGO LOGIC: put action logic here
+        # ALGO LOGIC: act (uniformly at random before learning starts), step the task, store the transition
         if global_step < args.learning_starts:
-            action = np.random.uniform(-1.0, 1.0, action_dim).astype(np.float32)
+            action = np.random.uniform(-1.0, 1.0, env.action_dim).astype(np.float32)
         else:
             action = policy(torch.as_tensor(obs, device=device).unsqueeze(0))[0].cpu().numpy()
-
-        # TRY NOT TO MODIFY: execute the game and log data.
         next_obs, reward, mask, done = env.step(action)
         rb.add(obs, action, reward, next_obs, mask)
-        episode_return += reward
-        episode_length += args.action_repeat
-        obs = next_obs
+        obs, episode_return, episode_length = next_obs, episode_return + reward, episode_length + args.action_repeat
         if done:
             writer.add_scalar("charts/episodic_return", episode_return, global_step)
             writer.add_scalar("charts/episodic_length", episode_length, global_step)
-            last_return = episode_return
-            obs, episode_return, episode_length = env.reset(), 0.0, 0
+            obs, episode_return, episode_length, last_return = env.reset(), 0.0, 0, episode_return
 
-        # ALGO LOGIC: training (Algorithm 1: a critic step, then a score step, utd_ratio times per env step)
+        # ALGO LOGIC: training, Algorithm 1: a critic step, then a score step, utd_ratio times per environment step
         if global_step >= args.learning_starts:
             if start_step is None:
                 start_time, start_step = time.time(), global_step
             for _ in range(args.utd_ratio):
                 metrics = update(rb.sample_indices(args.batch_size))
-                actor_scheduler.step()
+                agent.actor_scheduler.step()
                 finite &= torch.stack(list(metrics.values())).isfinite().all()  # no sync
 
-            if (global_step // args.action_repeat) % 100 == 0:
-                check_finite(global_step)
+            if (global_step // args.action_repeat) % 100 == 0:  # TRY NOT TO MODIFY: record losses (syncs)
+                check_finite(finite, metrics, global_step, last_checkpoint)
                 for key, value in metrics.items():
                     writer.add_scalar(key, value.item(), global_step)
-                writer.add_scalar("charts/actor_lr", actor_optimizer.param_groups[0]["lr"], global_step)
+                writer.add_scalar("charts/actor_lr", agent.actor_optimizer.param_groups[0]["lr"], global_step)
                 if global_step > start_step:
                     sps = (global_step - start_step) / (time.time() - start_time)
                     writer.add_scalar("charts/SPS", sps, global_step)
                     pbar.set_postfix(sps=f"{sps:.1f}", ret=f"{last_return:.1f}", refresh=False)
 
+        # TRY NOT TO MODIFY: evaluate every eval_interval steps and at the end; checkpoint on schedule or on a signal
         steps_done = global_step + args.action_repeat
-        # every eval_interval steps, and once more at the end, so every run reports its final policy
         if steps_done % args.eval_interval < args.action_repeat or steps_done >= args.total_timesteps:
-            start_time += evaluate_and_log(steps_done)  # SPS counts training steps/s, not evaluation time
-
-        checkpoint_due = args.checkpoint_interval and steps_done % args.checkpoint_interval < args.action_repeat
-        if checkpoint_due or stop_signal or (args.checkpoint_interval and steps_done >= args.total_timesteps):
+            start_time += evaluate_and_log(agent, args, eval_envs, probe_obs, writer, steps_done)
+        due = args.checkpoint_interval and (steps_done % args.checkpoint_interval < args.action_repeat
+                                            or steps_done >= args.total_timesteps)  # fmt: skip
+        if due or STOP:
             if global_step >= args.learning_starts:
-                check_finite(global_step)
-            checkpoint.save(training_state(steps_done), rb, steps_done)
-            last_checkpoint = f"{checkpoint.dir} (step {steps_done})"
-            if stop_signal:
+                check_finite(finite, metrics, global_step, last_checkpoint)
+            episode = (obs, episode_return, episode_length, last_return)
+            save_atomic(checkpoint, training_state(agent, args, rb, env, steps_done, episode))
+            last_checkpoint = f"{checkpoint} (step {steps_done})"
+            if STOP:
                 pbar.close()
-                print(f"{stop_signal[0]} at step {steps_done}: checkpoint written to {checkpoint.dir}; continue with "
+                print(f"{STOP[0]} at step {steps_done}: checkpoint written to {checkpoint}; continue with "
                       f"python {sys.argv[0]} --resume {run_dir}", file=sys.stderr)  # fmt: skip
                 break
 
-    if args.save_model and not stop_signal:
-        model_path = f"{run_dir}/{args.exp_name}.pt"
-        save_checkpoint(model_path, {**agent_state(), "global_step": args.total_timesteps})
-        print(f"model saved to {model_path}")
-
+    if args.save_model and not STOP:
+        save_atomic(f"{run_dir}/{args.exp_name}.pt", agent_state(agent, args) | {"global_step": args.total_timesteps})
+        print(f"model saved to {run_dir}/{args.exp_name}.pt")
     writer.close()
     if args.track:
         wandb.finish()

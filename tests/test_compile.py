@@ -1,33 +1,27 @@
 """--compile must change the parameters exactly as eager does (within float rounding), not just run fast."""
 
-import copy
-
 import pytest
 import torch
 
 
 def _agent(qsm, S=5, A=2):
     torch.manual_seed(0)
-    critic = qsm.TwinCritic(S, A, (64, 64))
-    target = copy.deepcopy(critic).requires_grad_(False)
-    den = qsm.Denoiser(S, A, (64, 64))
-    copt = torch.optim.Adam(critic.parameters(), lr=1e-3, fused=True)
-    aopt = torch.optim.Adam(den.parameters(), lr=1e-3, fused=True)
-    return critic, target, den, copt, aopt
+    args = qsm.Args(critic_hidden_dims=(64, 64), actor_hidden_dims=(64, 64), critic_lr=1e-3, actor_lr=1e-3, cuda=False)
+    return qsm.build_agent(S, A, args, "cpu"), args
 
 
-def _train(qsm, agent, batches, steps=4):
-    critic, target, den, copt, aopt = agent
-    schedule, args = qsm.DiffusionSchedule("vp", 5), qsm.Args()
+def _train(qsm, agent, args, batches, steps=4):
     metrics = []
     for i in range(steps):
         torch.manual_seed(100 + i)
-        m = qsm.update_critic(critic, target, den, copt, schedule, batches[i], args)
-        m |= qsm.update_actor(den, critic, aopt, schedule, batches[i], args)
-        obs = batches[i].obs[:3]
-        m["action"] = qsm.ddpm_sample(den, schedule, obs)
+        m = qsm.train_step(agent, batches[i], args)
+        m["action"] = qsm.ddpm_sample(agent.denoiser, agent.schedule, batches[i].obs[:3])
         metrics.append(m)
     return metrics
+
+
+def _modules(agent):
+    return [agent.critic, agent.critic_target, agent.denoiser]
 
 
 def test_compiled_updates_match_eager(qsm, monkeypatch):
@@ -40,19 +34,19 @@ def test_compiled_updates_match_eager(qsm, monkeypatch):
                   torch.randn(32, 5, generator=g), (torch.rand(32, generator=g) > 0.1).float())
         for _ in range(4)
     ]  # fmt: skip
-    eager = _agent(qsm)
-    initial = [p.detach().clone() for p in eager[0].parameters()] + [p.detach().clone() for p in eager[2].parameters()]
-    eager_metrics = _train(qsm, eager, batches)
+    eager, args = _agent(qsm)
+    initial = [p.detach().clone() for module in _modules(eager) for p in module.parameters()]
+    eager_metrics = _train(qsm, eager, args, batches)
 
-    compiled = _agent(qsm)
+    compiled, _ = _agent(qsm)
     for name in ("critic_loss", "qsm_loss", "ddpm_sample"):  # what --compile does
         monkeypatch.setattr(qsm, name, torch.compile(getattr(qsm, name)))
-    compiled_metrics = _train(qsm, compiled, batches)
+    compiled_metrics = _train(qsm, compiled, args, batches)
 
-    for module_e, module_c in [(eager[0], compiled[0]), (eager[1], compiled[1]), (eager[2], compiled[2])]:
+    for module_e, module_c in zip(_modules(eager), _modules(compiled), strict=True):
         for p_e, p_c in zip(module_e.parameters(), module_c.parameters(), strict=True):
             torch.testing.assert_close(p_c, p_e, rtol=1e-4, atol=1e-5)
-    final = [p.detach() for p in eager[0].parameters()] + [p.detach() for p in eager[2].parameters()]
+    final = [p.detach() for module in _modules(eager) for p in module.parameters()]
     assert all(not torch.equal(p0, p1) for p0, p1 in zip(initial, final, strict=True))  # every parameter moved
     for m_e, m_c in zip(eager_metrics, compiled_metrics, strict=True):
         assert m_e.keys() == m_c.keys()
@@ -75,14 +69,13 @@ def _graph_run(qsm, rb, indices, graphed: bool):
     torch.manual_seed(0)
     args = qsm.Args(cuda=True, cudagraphs=graphed, critic_hidden_dims=(64, 64), actor_hidden_dims=(64, 64))
     args.actor_lr_decay_steps = 10  # a learning rate that visibly changes between replays
-    critic, target, den, copt, aopt, scheduler = qsm.build_agent(5, 2, args, "cuda")
-    schedule = qsm.DiffusionSchedule("vp", 5, "cuda")
+    agent = qsm.build_agent(5, 2, args, "cuda")
 
     def update(idx):  # as the script's: the batch is gathered inside the graph
-        return qsm.train_step(rb.gather(idx), critic, target, den, copt, aopt, schedule, args)
+        return qsm.train_step(agent, rb.gather(idx), args)
 
     def policy(obs):
-        return qsm.act(den, schedule, obs, args)
+        return qsm.act(agent.denoiser, agent.schedule, obs, args)
 
     if graphed:
         update, policy = qsm.CudaGraph(update), qsm.CudaGraph(policy)
@@ -90,11 +83,11 @@ def _graph_run(qsm, rb, indices, graphed: bool):
     for i, idx in enumerate(indices):
         torch.manual_seed(100 + i)
         metrics = {key: value.clone() for key, value in update(idx).items()}
-        scheduler.step()
+        agent.actor_scheduler.step()
         metrics["action"] = policy(rb.obs[i : i + 1]).clone()
-        metrics["lr"] = torch.tensor(float(aopt.param_groups[0]["lr"]))
+        metrics["lr"] = torch.tensor(float(agent.actor_optimizer.param_groups[0]["lr"]))
         outputs.append(metrics)
-    return [critic, target, den], outputs
+    return _modules(agent), outputs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -44,26 +44,55 @@ def test_unknown_schedule_is_refused(qsm):
         qsm.beta_schedule("sigmoid", 5)
 
 
-def test_denoiser_split_first_layer_equals_the_plain_mlp(qsm):
-    """head(state_part, time_part) must be exactly MLP(concat(a_t, s, cond(t)))."""
+def test_denoiser_is_the_official_mlp_on_concat_and_t_may_be_shared(qsm):
+    """forward must be exactly MLP(concat(a_t, s, cond(t))), cond(t) = MLP(Fourier(t)), for per-sample steps t (B,) and
+    for one step shared by the batch, t of shape (1,), as the sampler passes it."""
     torch.manual_seed(0)
     S, A, B = 7, 3, 11
     den = qsm.Denoiser(S, A, (32, 16))
     obs, actions, t = torch.randn(B, S), torch.randn(B, A), torch.randint(0, 5, (B,))
-    cond = den.time_features(t.float().unsqueeze(-1))
+    f = 2 * math.pi * t.float()[:, None] * den.fourier_kernel[:, 0]  # [cos 2 pi t W, sin 2 pi t W], W (32, 1)
+    cond = den.cond[1](F.mish(den.cond[0](torch.cat([torch.cos(f), torch.sin(f)], dim=-1))))
     x = torch.cat([actions, obs, cond], dim=-1)
-    for layer in den.hidden:
+    for layer in den.mlp:
         x = F.mish(layer(x))
-    torch.testing.assert_close(den(obs, actions, t, 5), den.out(x))
+    torch.testing.assert_close(den(obs, actions, t), den.out(x))
+    shared = den(obs, actions, torch.full((1,), 4))
+    torch.testing.assert_close(shared, den(obs, actions, torch.full((B,), 4)))
 
 
-def test_fourier_features_formula(qsm):
+class DoubledDenoiser:
+    """Mixin for a user's ablation: a denoiser whose forward is not the original one."""
+
+    def forward(self, obs, noisy_actions, t):
+        return 2.0 * torch.tanh(super().forward(obs, noisy_actions, t)) + 0.1 * t.float().unsqueeze(-1)
+
+
+def test_sampler_and_loss_use_the_denoisers_own_forward(qsm):
+    """A subclass that changes only forward changes the sampler's output exactly as the hand-written chain with that
+    forward does, and the QSM loss with it: nothing reaches the network around forward."""
     torch.manual_seed(0)
-    ff = qsm.FourierFeatures(8)
-    t = torch.tensor([[0.0], [3.0]])
-    f = 2 * math.pi * t * ff.kernel[:, 0]
-    torch.testing.assert_close(ff(t), torch.cat([torch.cos(f), torch.sin(f)], dim=-1))
-    assert ff(t)[0, :4].eq(1).all() and ff(t)[0, 4:].eq(0).all()  # t = 0: cos 0 = 1, sin 0 = 0
+    plain = qsm.Denoiser(5, 3, (32, 32))
+    changed = type("Changed", (DoubledDenoiser, qsm.Denoiser), {})(5, 3, (32, 32))
+    changed.load_state_dict(plain.state_dict())
+    schedule = qsm.DiffusionSchedule("vp", 5)
+    obs, x_T = torch.randn(16, 5), torch.randn(16, 3)
+    x = x_T.double()
+    with torch.no_grad():
+        for t in [4, 3, 2, 1, 0]:
+            a, ab = schedule.alphas[t], schedule.alpha_bars[t]
+            eps = changed(obs, x.float(), torch.full((16,), t)).double()
+            x = ((x - (1 - a) / math.sqrt(1 - ab) * eps) / math.sqrt(a)).clamp(-1, 1)
+    got = qsm.ddpm_sample(changed, schedule, obs, temperature=0.0, x_T=x_T, clip=True)
+    torch.testing.assert_close(got, x.float(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, qsm.ddpm_sample(plain, schedule, obs, temperature=0.0, x_T=x_T))
+    critic = qsm.TwinCritic(5, 3, (16,))
+    batch = qsm.Batch(obs, torch.rand(16, 3) * 2 - 1, torch.zeros(16), obs, torch.ones(16))
+    losses = []
+    for den in (plain, changed):
+        torch.manual_seed(1)
+        losses.append(qsm.qsm_loss(den, critic, schedule, batch, M_q=1.0)[0])
+    assert losses[0] != losses[1]
 
 
 @pytest.fixture()
@@ -99,7 +128,7 @@ def test_sampler_at_temperature_zero_is_the_hand_written_chain(qsm, denoiser):
     with torch.no_grad():
         for t in [4, 3, 2, 1, 0]:
             a, ab = schedule.alphas[t], schedule.alpha_bars[t]
-            eps = denoiser(obs, x.float(), torch.full((16,), t), 5).double()
+            eps = denoiser(obs, x.float(), torch.full((16,), t)).double()
             x = ((x - (1 - a) / math.sqrt(1 - ab) * eps) / math.sqrt(a)).clamp(-1, 1)
     torch.testing.assert_close(got, x.float(), rtol=1e-5, atol=1e-5)
 

@@ -101,7 +101,7 @@ def test_replay_buffer_wraps_around(qsm):
     torch.testing.assert_close(rb.rewards, torch.tensor([4.0, 5.0, 2.0, 3.0]))
     torch.testing.assert_close(rb.next_obs[:, 0], torch.tensor([5.0, 6.0, 3.0, 4.0]))
     torch.manual_seed(0)
-    batch = rb.sample(64)
+    batch = rb.gather(rb.sample_indices(64))
     assert batch.obs.shape == (64, 2) and batch.actions.shape == (64, 1) and batch.rewards.shape == (64,)
     assert set(batch.rewards.tolist()) == {2.0, 3.0, 4.0, 5.0}  # every stored transition, nothing overwritten
     torch.testing.assert_close(batch.next_obs[:, 0], batch.rewards + 1)  # rows stay aligned
@@ -111,5 +111,5 @@ def test_replay_buffer_wraps_around(qsm):
 def test_replay_buffer_samples_only_filled_slots(qsm):
     rb = qsm.ReplayBuffer(capacity=100, obs_dim=1, action_dim=1)
     rb.add(np.ones(1), np.ones(1), 5.0, np.ones(1), 0.0)
-    batch = rb.sample(16)
+    batch = rb.gather(rb.sample_indices(16))
     assert batch.rewards.eq(5.0).all() and batch.masks.eq(0.0).all()

@@ -63,16 +63,18 @@ def test_resume_with_raised_total_timesteps_is_bit_exact(straight, tmp_path, fir
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_writes_a_checkpoint_exits_cleanly_and_resumes_exactly(straight, tmp_path, signum):
     proc = start_script([*BASE, "--total-timesteps", "1200", "--checkpoint-interval", "500"], tmp_path)
-    wait_for_file(tmp_path, "runs/*/checkpoint/state.pt", proc)  # step 500: in the learning phase
+    wait_for_file(tmp_path, "runs/*/checkpoint.pt", proc)  # step 500: in the learning phase
     time.sleep(0.5)  # then at an arbitrary step
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
-    stopped_at = torch.load(run_dir / "checkpoint" / "state.pt", weights_only=True)["global_step"]
+    stopped_at = torch.load(run_dir / "checkpoint.pt", weights_only=True)["global_step"]
     assert 500 <= stopped_at < 1200
     relative = run_dir.relative_to(tmp_path)
-    assert f"{signal.Signals(signum).name} at step {stopped_at}: checkpoint written to {relative}/checkpoint" in stderr
+    assert (
+        f"{signal.Signals(signum).name} at step {stopped_at}: checkpoint written to {relative}/checkpoint.pt" in stderr
+    )
     assert stderr.rstrip().endswith(f"qsm_continuous.py --resume {relative}")
     resumed = run_script(["--resume", str(run_dir)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -81,16 +83,15 @@ def test_signal_writes_a_checkpoint_exits_cleanly_and_resumes_exactly(straight, 
 
 def test_kill_9_leaves_a_loadable_checkpoint(tmp_path):
     proc = start_script([*BASE, "--total-timesteps", "5000", "--checkpoint-interval", "20"], tmp_path)
-    wait_for_file(tmp_path, "runs/*/checkpoint/state.pt", proc)
+    wait_for_file(tmp_path, "runs/*/checkpoint.pt", proc)
     time.sleep(3.0)  # checkpoints every 20 steps: the kill lands at an arbitrary point, maybe inside a write
     proc.kill()
     proc.communicate()
     run_dir = only_run_dir(tmp_path)
-    state = torch.load(run_dir / "checkpoint" / "state.pt", weights_only=True)
-    for name in state["buffer"]["chunks"].values():
-        rows = torch.load(run_dir / "checkpoint" / name, weights_only=True)
-        assert torch.isfinite(rows).all()
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     step = state["global_step"]
+    assert state["buffer"]["added"] == step and state["buffer"]["rows"].shape[0] == step
+    assert torch.isfinite(state["buffer"]["rows"]).all()
     resumed = run_script(["--resume", str(run_dir), "--total-timesteps", str(step + 100)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {step}" in resumed.stderr
@@ -102,9 +103,9 @@ def test_planted_nan_stops_the_run_naming_step_quantity_and_checkpoint(tmp_path)
     assert result.returncode == 2
     run_dir = only_run_dir(tmp_path).relative_to(tmp_path)
     assert result.stderr.startswith("error: non-finite losses/actor_loss (inf)")
-    assert f"by step 400; the last good checkpoint is {run_dir}/checkpoint (step 400)" in result.stderr
+    assert f"by step 400; the last good checkpoint is {run_dir}/checkpoint.pt (step 400)" in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    state = torch.load(tmp_path / run_dir / "checkpoint" / "state.pt", weights_only=True)
+    state = torch.load(tmp_path / run_dir / "checkpoint.pt", weights_only=True)
     assert state["global_step"] == 400  # no checkpoint was written after the NaN
     assert all(torch.isfinite(p).all() for p in state["critic"].values())
 
@@ -112,7 +113,7 @@ def test_planted_nan_stops_the_run_naming_step_quantity_and_checkpoint(tmp_path)
 @pytest.fixture(scope="module")
 def checkpointed(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("checkpointed")
-    result = run_script([*BASE, "--total-timesteps", "450"], cwd)
+    result = run_script([*BASE, "--total-timesteps", "450", "--save-model"], cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return only_run_dir(cwd)
 
@@ -124,8 +125,8 @@ def _snapshot(directory):
 @pytest.mark.parametrize(
     ("damage", "args", "expected"),
     [
-        ("truncate", [], "state.pt is truncated or corrupt (RuntimeError); resume from another checkpoint"),
-        ("drop-chunk", [], "buffer-00000-450.pt, part of the checkpoint, is missing"),
+        ("truncate", [], "checkpoint.pt: not a readable checkpoint or --save-model file (RuntimeError); use another"),
+        ("model-file", [], "qsm_continuous.pt is a --save-model file, not a checkpoint; use runs/RUN/checkpoint.pt"),
         (
             None,
             ["--env-id", "walker-walk"],
@@ -144,12 +145,11 @@ def test_bad_checkpoints_give_one_line_and_touch_nothing(checkpointed, tmp_path,
     copy = tmp_path / run_dir.name
     shutil.copytree(run_dir, copy)
     if damage == "truncate":
-        state = copy / "checkpoint" / "state.pt"
+        state = copy / "checkpoint.pt"
         state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    elif damage == "drop-chunk":
-        (copy / "checkpoint" / "buffer-00000-450.pt").unlink()
     before = _snapshot(copy)
-    result = run_script(["--resume", str(copy), *args], tmp_path, timeout=120)
+    resume = copy / "qsm_continuous.pt" if damage == "model-file" else copy
+    result = run_script(["--resume", str(resume), *args], tmp_path, timeout=120)
     assert result.returncode == 2
     assert result.stderr.startswith("error: --resume") and expected in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
@@ -161,35 +161,36 @@ def test_resume_from_nowhere(tmp_path):
     assert result.returncode == 2 and "no checkpoint there" in result.stderr and result.stderr.count("\n") == 1
 
 
-def test_checkpoint_rewrites_only_changed_chunks_and_restores_the_ring(qsm, tmp_path, monkeypatch):
-    monkeypatch.setattr(qsm.Checkpoint, "CHUNK_ROWS", 4)
-    rb = qsm.ReplayBuffer(capacity=10, obs_dim=2, action_dim=1)  # chunks: rows 0-3, 4-7, 8-9
-    checkpoint = qsm.Checkpoint(str(tmp_path))
+def test_checkpoint_restores_a_wrapped_ring_buffer_agent_and_task(qsm, tmp_path):
+    """One checkpoint file holds everything: the buffer's filled rows in ring order, the networks, the task's state."""
+    args = qsm.Args(env_id="cartpole-balance", critic_hidden_dims=(16,), actor_hidden_dims=(16,), cuda=False)
 
-    def add(n):
-        for _ in range(n):
-            i = float(rb.added)
-            rb.add(np.full(2, i, np.float32), np.full(1, i, np.float32), i, np.full(2, i + 1, np.float32), 1.0)
+    def fresh(seed):
+        torch.manual_seed(seed)
+        env = qsm.DMCEnv(args.env_id, seed)
+        env.reset()
+        return qsm.build_agent(env.obs_dim, env.action_dim, args, "cpu"), qsm.ReplayBuffer(10, 5, 1), env
 
-    def files():
-        return sorted(p.name for p in tmp_path.iterdir())
+    agent, rb, env = fresh(0)
+    for i in range(13):  # rows 0..9, then around the ring: 0, 1, 2
+        rb.add(np.full(5, i, np.float32), np.full(1, i, np.float32), float(i), np.full(5, i + 1, np.float32), 1.0)
+    env.step(np.ones(1))
+    episode = (np.arange(5, dtype=np.float32), 1.5, 7, 2.5)
+    qsm.save_atomic(str(tmp_path / "checkpoint.pt"), qsm.training_state(agent, args, rb, env, 13, episode))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert not list(tmp_path.glob("*.tmp"))
 
-    add(6)
-    checkpoint.save({"global_step": 6}, rb, step=6)
-    assert files() == ["buffer-00000-6.pt", "buffer-00001-6.pt", "state.pt"]
-    add(2)  # rows 6, 7: chunk 1 only
-    checkpoint.save({"global_step": 8}, rb, step=8)
-    assert files() == ["buffer-00000-6.pt", "buffer-00001-8.pt", "state.pt"]  # the old chunk-1 file is gone
-    add(5)  # rows 8, 9, then around the ring: 0, 1, 2
-    checkpoint.save({"global_step": 13}, rb, step=13)
-    assert files() == ["buffer-00000-13.pt", "buffer-00001-8.pt", "buffer-00002-13.pt", "state.pt"]
-
-    restored = qsm.ReplayBuffer(capacity=10, obs_dim=2, action_dim=1)
-    loader = qsm.Checkpoint(str(tmp_path))
-    loader.load_buffer(loader.load_state()["buffer"], restored)
-    assert (restored.added, restored.pos, restored.size) == (13, 3, 10)
-    assert torch.equal(restored.rows, rb.rows)
-    assert restored.rewards.tolist() == [10, 11, 12, 3, 4, 5, 6, 7, 8, 9]
+    restored_agent, restored_rb, restored_env = fresh(1)
+    obs, *rest = qsm.restore(state, restored_agent, args, restored_rb, restored_env)
+    assert (restored_rb.added, restored_rb.pos, restored_rb.size) == (13, 3, 10)
+    assert torch.equal(restored_rb.rows, rb.rows)
+    assert restored_rb.rewards.tolist() == [10, 11, 12, 3, 4, 5, 6, 7, 8, 9]
+    assert np.array_equal(obs, episode[0]) and rest == [1.5, 7, 2.5]
+    for module in ("critic", "critic_target", "denoiser"):
+        for p, q in zip(getattr(agent, module).parameters(), getattr(restored_agent, module).parameters(), strict=True):
+            assert torch.equal(p, q)
+    step, restored_step = env.step(np.full(1, -0.5)), restored_env.step(np.full(1, -0.5))
+    assert np.array_equal(step[0], restored_step[0]) and step[1:] == restored_step[1:]
 
 
 def test_track_without_network_falls_back_to_offline(tmp_path):

@@ -1,7 +1,5 @@
 """The critic's action gradient, the QSM target and loss, the TD target and the two updates."""
 
-import copy
-
 import pytest
 import torch
 
@@ -22,25 +20,49 @@ class QuadraticCritic:
         sq = (actions - self.best_action(obs)).pow(2).sum(-1)
         return torch.stack([-0.5 * sq, -1.5 * sq])
 
-    def action_grad(self, obs, actions):
-        d = actions - self.best_action(obs)
-        return torch.stack([-d, -3 * d])
+
+class ELULayerNormCritic(torch.nn.Module):
+    """A critic a user might write for an ablation: three ELU MLPs with LayerNorm, nothing like TwinCritic inside."""
+
+    def __init__(self, S, A, num_q=3):
+        super().__init__()
+        self.nets = torch.nn.ModuleList(
+            torch.nn.Sequential(
+                torch.nn.Linear(S + A, 32), torch.nn.LayerNorm(32), torch.nn.ELU(), torch.nn.Linear(32, 1)
+            )
+            for _ in range(num_q)
+        )
+
+    def forward(self, obs, actions):
+        return torch.stack([net(torch.cat([obs, actions], -1)).squeeze(-1) for net in self.nets])
 
 
-@pytest.mark.parametrize("hidden", [(16,), (32, 32), (16, 8, 4)])
-def test_action_grad_equals_autograd(qsm, hidden):
+@pytest.mark.parametrize("make", ["twin", "twin-3-critics", "twin-elu", "elu-layernorm"])
+def test_qsm_target_is_autograd_of_any_critic(qsm, make, monkeypatch):
+    """Whatever the critic (another activation, LayerNorm, more critics), the target is exactly -M_q * mean_i grad_a Q_i
+    computed by autograd on that critic's own forward: no other edit needed."""
     torch.manual_seed(0)
-    critic = qsm.TwinCritic(5, 3, hidden).double()
-    obs = torch.randn(40, 5, dtype=torch.float64)
-    actions = torch.randn(40, 3, dtype=torch.float64, requires_grad=True)
-    q = critic(obs, actions)
-    expected = torch.stack([torch.autograd.grad(q[i].sum(), actions, retain_graph=True)[0] for i in range(2)])
-    got = critic.action_grad(obs, actions.detach())
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    assert not got.requires_grad  # no gradient may reach the critic from the score update
+    S, A, B = 5, 3, 40
+    if make == "elu-layernorm":
+        critic = ELULayerNormCritic(S, A).double()
+    else:
+        critic = qsm.TwinCritic(S, A, (16, 16), num_q=3 if make == "twin-3-critics" else 2).double()
+    if make == "twin-elu":  # the edit a user makes in the copied file: the critics' activation
+        monkeypatch.setattr(qsm.F, "relu", torch.nn.functional.elu)
+    obs, actions = torch.randn(B, S, dtype=torch.float64), torch.randn(B, A, dtype=torch.float64)
+    a = actions.clone().requires_grad_()
+    q = critic(obs, a)
+    grads = [torch.autograd.grad(q[i].sum(), a, retain_graph=True)[0] for i in range(len(q))]
+    expected = -50.0 * torch.stack(grads).mean(0)
+    target = qsm.qsm_target(critic, obs, actions, M_q=50.0)
+    torch.testing.assert_close(target, expected, rtol=1e-12, atol=1e-12)
+    assert not target.requires_grad  # no gradient may reach the critic from the score update
+    if make == "twin-elu":  # the activation really changed: ReLU's gradient differs
+        monkeypatch.undo()
+        assert not torch.allclose(qsm.qsm_target(critic, obs, actions, M_q=50.0), expected)
 
 
-def test_action_grad_of_a_hand_built_linear_critic(qsm):
+def test_twin_critic_on_a_hand_built_network(qsm):
     """One hidden unit that is always active: Q_i(s, a) = w2_i * (v_i . [s, a] + 10), so grad_a Q_i = w2_i v_i[a]."""
     critic = qsm.TwinCritic(2, 2, (1,))
     v = torch.tensor([[0.1, -0.2, 0.3, -0.4], [0.5, 0.6, -0.7, 0.8]])
@@ -51,11 +73,11 @@ def test_action_grad_of_a_hand_built_linear_critic(qsm):
         critic.weights[1].copy_(w2.view(2, 1, 1))
         critic.biases[1].zero_()
     obs, actions = torch.rand(4, 2), torch.rand(4, 2)
-    grad = critic.action_grad(obs, actions)
-    torch.testing.assert_close(grad[0], torch.tensor([[0.6, -0.8]]).expand(4, 2))
-    torch.testing.assert_close(grad[1], torch.tensor([[2.1, -2.4]]).expand(4, 2))
     q = critic(obs, actions)
     torch.testing.assert_close(q[0], 2.0 * (torch.cat([obs, actions], -1) @ v[0] + 10))
+    torch.testing.assert_close(q[1], -3.0 * (torch.cat([obs, actions], -1) @ v[1] + 10))
+    target = qsm.qsm_target(critic, obs, actions, M_q=1.0)  # -mean_i w2_i v_i[a] = -(0.6 + 2.1, -0.8 - 2.4) / 2
+    torch.testing.assert_close(target, torch.tensor([[-1.35, 1.6]]).expand(4, 2))
 
 
 def test_qsm_target_is_minus_M_q_times_grad_Q(qsm):
@@ -78,7 +100,7 @@ def test_qsm_loss_uses_the_forward_diffusion_of_replay_actions(qsm):
     eps = torch.randn(B, A)
     ab = torch.tensor(schedule.alpha_bars, dtype=torch.float32)[t].unsqueeze(-1)
     a_t = ab.sqrt() * batch.actions + (1 - ab).sqrt() * eps
-    expected = ((den(batch.obs, a_t, t, 5) - 6.0 * (a_t - critic.best_action(batch.obs))) ** 2).mean()
+    expected = ((den(batch.obs, a_t, t) - 6.0 * (a_t - critic.best_action(batch.obs))) ** 2).mean()
     torch.testing.assert_close(loss, expected)
     loss.backward()  # only the denoiser is differentiated
     assert all(p.grad is not None for p in den.parameters())
@@ -133,49 +155,44 @@ def test_td_target_on_a_hand_computed_batch(qsm):
         masks=torch.tensor([1.0, 1.0, 0.0]),
     )
     critic = ConstantCritic()
-    y, next_actions = qsm.td_target(critic, den, schedule, batch, gamma=0.9, target_noise=0.5)
+    y, next_actions = qsm.td_target(critic, den, schedule, batch, qsm.Args(gamma=0.9, target_noise=0.5))
     torch.testing.assert_close(y, torch.tensor([1.0 + 0.9 * 3.0, 2.0 + 0.9 * -2.0, -1.0]))  # mask 0: y = r
     assert next_actions.shape == (3, 3)
     noisy = critic.actions  # a' = clip(DDPM(s') + N(0, 0.5^2))
     assert noisy.abs().max() <= 1 and not torch.equal(noisy, next_actions)
 
 
-def _nets(qsm, S=3, A=2):
+def _agent(qsm, S=3, A=2, **kw):
     torch.manual_seed(0)
-    critic = qsm.TwinCritic(S, A, (16, 16))
-    target = copy.deepcopy(critic).requires_grad_(False)
-    den = qsm.Denoiser(S, A, (16, 16))
-    return critic, target, den
+    args = qsm.Args(critic_hidden_dims=(16, 16), actor_hidden_dims=(16, 16), cuda=False, **kw)
+    return qsm.build_agent(S, A, args, "cpu"), args
 
 
 def test_update_critic_steps_the_critics_and_polyaks_the_targets(qsm):
     S, A, B = 3, 2, 32
-    critic, target, den = _nets(qsm, S, A)
-    args = qsm.Args(tau=0.1)
-    opt = torch.optim.Adam(critic.parameters(), lr=1e-3)
+    agent, args = _agent(qsm, S, A, tau=0.1)
     batch = qsm.Batch(torch.randn(B, S), torch.rand(B, A), torch.randn(B), torch.randn(B, S), torch.ones(B))
-    before = [p.detach().clone() for p in critic.parameters()]
-    den_before = [p.detach().clone() for p in den.parameters()]
-    metrics = qsm.update_critic(critic, target, den, opt, qsm.DiffusionSchedule("vp", 5), batch, args)
-    for p0, p1, pt in zip(before, critic.parameters(), target.parameters(), strict=True):
+    before = [p.detach().clone() for p in agent.critic.parameters()]
+    den_before = [p.detach().clone() for p in agent.denoiser.parameters()]
+    metrics = qsm.update_critic(agent, batch, args)
+    for p0, p1, pt in zip(before, agent.critic.parameters(), agent.critic_target.parameters(), strict=True):
         assert not torch.equal(p0, p1)  # the critics moved
         torch.testing.assert_close(pt, 0.9 * p0 + 0.1 * p1)  # theta_targ <- 0.9 theta_targ + 0.1 theta
-    assert all(torch.equal(p0, p1) for p0, p1 in zip(den_before, den.parameters(), strict=True))
+    assert all(torch.equal(p0, p1) for p0, p1 in zip(den_before, agent.denoiser.parameters(), strict=True))
     assert {"losses/qf1_loss", "losses/qf2_loss", "losses/qf1_values", "charts/action_saturation"} <= set(metrics)
     assert all(torch.isfinite(v) for v in metrics.values())
 
 
 def test_update_actor_steps_only_the_denoiser(qsm):
     S, A, B = 3, 2, 32
-    critic, _, den = _nets(qsm, S, A)
-    opt = torch.optim.Adam(den.parameters(), lr=1e-3)
+    agent, args = _agent(qsm, S, A)
     batch = qsm.Batch(torch.randn(B, S), torch.rand(B, A), torch.randn(B), torch.randn(B, S), torch.ones(B))
-    critic_before = [p.detach().clone() for p in critic.parameters()]
-    den_before = [p.detach().clone() for p in den.parameters()]
-    metrics = qsm.update_actor(den, critic, opt, qsm.DiffusionSchedule("vp", 5), batch, qsm.Args())
-    assert all(torch.equal(p0, p1) for p0, p1 in zip(critic_before, critic.parameters(), strict=True))
-    assert all(p.grad is None for p in critic.parameters())
-    assert any(not torch.equal(p0, p1) for p0, p1 in zip(den_before, den.parameters(), strict=True))
+    critic_before = [p.detach().clone() for p in agent.critic.parameters()]
+    den_before = [p.detach().clone() for p in agent.denoiser.parameters()]
+    metrics = qsm.update_actor(agent, batch, args)
+    assert all(torch.equal(p0, p1) for p0, p1 in zip(critic_before, agent.critic.parameters(), strict=True))
+    assert all(p.grad is None for p in agent.critic.parameters())
+    assert any(not torch.equal(p0, p1) for p0, p1 in zip(den_before, agent.denoiser.parameters(), strict=True))
     assert metrics["losses/actor_loss"] > 0 and metrics["losses/q_grad_norm"] > 0
 
 
@@ -189,21 +206,20 @@ def test_cosine_decay_matches_optax(qsm):
 def test_bf16_update_tracks_float32(qsm):
     """--bf16 runs the update's products in bfloat16 (so it is not bit-identical) yet moves the same parameters the
     same way; parameters stay float32, and acting (float32 also under --bf16) draws exactly the same actions."""
-    schedule = qsm.DiffusionSchedule("vp", 5)
 
     def one_update(bf16: bool):
         args = qsm.Args(bf16=bf16, critic_hidden_dims=(64, 64), actor_hidden_dims=(64, 64), cuda=False)
         torch.manual_seed(0)
-        critic, target, den, copt, aopt, _ = qsm.build_agent(5, 2, args, "cpu")
+        agent = qsm.build_agent(5, 2, args, "cpu")
         g = torch.Generator().manual_seed(1)
         batch = qsm.Batch(torch.randn(64, 5, generator=g), torch.rand(64, 2, generator=g) * 2 - 1,
                           torch.randn(64, generator=g), torch.randn(64, 5, generator=g), torch.ones(64))  # fmt: skip
-        params = [p for module in (critic, den) for p in module.parameters()]
+        params = [p for module in (agent.critic, agent.denoiser) for p in module.parameters()]
         before = torch.cat([p.detach().flatten() for p in params])
         torch.manual_seed(3)
-        actions = qsm.act(den, schedule, batch.obs[:8], args)
+        actions = qsm.act(agent.denoiser, agent.schedule, batch.obs[:8], args)
         torch.manual_seed(5)
-        metrics = qsm.train_step(batch, critic, target, den, copt, aopt, schedule, args)
+        metrics = qsm.train_step(agent, batch, args)
         assert all(p.dtype == torch.float32 for p in params)
         return metrics, torch.cat([p.detach().flatten() for p in params]) - before, actions
 

@@ -168,6 +168,11 @@ def test_action_repeat_counts_environment_steps(tmp_path):
         (["--M-q", "-1"], "--M-q must be positive, got -1.0"),
         (["--critic-hidden-dims"], "--critic-hidden-dims needs one or more positive sizes"),
         (["--no-cuda", "--cudagraphs"], "--cudagraphs needs a CUDA device (--cuda); drop --cudagraphs on the CPU"),
+        (["--seed", "-1"], "--seed must be in [0, 2^32), got -1"),
+        (["--exploration-noise", "nan"], "--exploration-noise must be finite, got nan"),
+        (["--gamma", "1.5"], "--gamma must be in [0, 1], got 1.5"),
+        (["--critic-lr", "inf"], "--critic-lr must be finite, got inf"),
+        (["--buffer-size", "1000000000000"], "--buffer-size 1000000000000: the replay buffer needs 156462.2 GiB"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, args, expected):
@@ -236,6 +241,6 @@ def test_evaluate_model_rejects_a_non_model(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     result = run_script(["--evaluate-model", str(tmp_path / "junk.pt")], tmp_path, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith(
-        f"error: --evaluate-model {tmp_path}/junk.pt: not a readable"
+        f"error: --evaluate-model {tmp_path}/junk.pt: not a readable checkpoint or --save-model file (UnpicklingError)"
     )
     assert result.stderr.count("\n") == 1
