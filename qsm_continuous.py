@@ -6,7 +6,9 @@ import sys
 # dm_control reads MUJOCO_GL at import: "disable" keeps it from probing for a display; videos render headless (EGL)
 os.environ.setdefault("MUJOCO_GL", "egl" if "--capture-video" in sys.argv else "disable")
 
+import contextlib
 import dataclasses
+import functools
 import itertools
 import math
 import random
@@ -16,6 +18,7 @@ import time
 import urllib.parse
 from typing import NamedTuple
 
+import imageio
 import mujoco
 import numpy as np
 import torch
@@ -130,8 +133,7 @@ class DMCEnv:
     """A dm_control task with the agent's action in [-1, 1], flat float32 observations and action repeat."""
 
     def __init__(self, env_id: str, seed: int, action_repeat: int = 1):
-        domain, task = parse_env_id(env_id)
-        self.env = suite.load(domain, task, task_kwargs={"random": seed})
+        self.env = suite.load(*parse_env_id(env_id), task_kwargs={"random": seed})
         spec = self.env.action_spec()
         self.action_low, self.action_high = spec.minimum.astype(np.float64), spec.maximum.astype(np.float64)
         self.obs_dim = sum(int(np.prod(s.shape)) for s in self.env.observation_spec().values())
@@ -155,10 +157,9 @@ class DMCEnv:
 
     def get_state(self) -> dict:
         """All that decides the task's future (MuJoCo's integration state, time-limit counter, the task's RNG)."""
-        physics, spec = self.env.physics, mujoco.mjtState.mjSTATE_INTEGRATION
-        buffer = np.empty(mujoco.mj_stateSize(physics.model.ptr, spec))
-        mujoco.mj_getState(physics.model.ptr, physics.data.ptr, buffer, spec)
-        env = self.env
+        env, spec = self.env, mujoco.mjtState.mjSTATE_INTEGRATION
+        buffer = np.empty(mujoco.mj_stateSize(env.physics.model.ptr, spec))
+        mujoco.mj_getState(env.physics.model.ptr, env.physics.data.ptr, buffer, spec)
         return {"physics": torch.from_numpy(buffer), "step_count": env._step_count,
                 "reset_next_step": env._reset_next_step, "random": numpy_rng_state(env.task.random)}  # fmt: skip
 
@@ -178,10 +179,9 @@ class TwinCritic(nn.Module):
     def __init__(self, obs_dim: int, action_dim: int, hidden_dims: tuple[int, ...], num_q: int = 2):
         super().__init__()
         dims = (obs_dim + action_dim, *hidden_dims, 1)
-        self.weights = nn.ParameterList(  # per layer W (num_q, in, out), x @ W + b; Xavier-uniform as the official init
-            torch.stack([nn.init.xavier_uniform_(torch.empty(i, o)) for _ in range(num_q)])
-            for i, o in itertools.pairwise(dims)
-        )
+        # per layer W (num_q, in, out), a layer computing x @ W + b; each critic Xavier-uniform, as the official init
+        self.weights = nn.ParameterList(torch.stack([nn.init.xavier_uniform_(torch.empty(i, o)) for _ in range(num_q)])
+                                        for i, o in itertools.pairwise(dims))  # fmt: skip
         self.biases = nn.ParameterList(torch.zeros(num_q, 1, o) for o in dims[1:])
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -203,7 +203,7 @@ class Denoiser(nn.Module):
     """eps_theta(s, a_t, t): t -> Fourier features [cos 2 pi t W, sin 2 pi t W] -> MLP(128, 128) mish -> cond;
     MLP mish on concat(a_t, s, cond) -> predicted noise. As the official code, t is the integer step 0..T-1."""
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden_dims: tuple[int, ...], time_dim: int = 64):
+    def __init__(self, obs_dim: int, action_dim: int, hidden_dims: tuple[int, ...], T: int, time_dim: int = 64):
         super().__init__()
         self.fourier_kernel = nn.Parameter(torch.randn(time_dim // 2, 1) * 0.2)  # W ~ N(0, 0.2^2), learned
         self.cond = nn.ModuleList([nn.Linear(time_dim, 128), nn.Linear(128, 128)])
@@ -213,18 +213,27 @@ class Denoiser(nn.Module):
         for layer in [*self.cond, *self.mlp, self.out]:  # the official init: Xavier-uniform weights, zero biases
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
-        self.input_sizes, self.action_dim = (action_dim, obs_dim, 128), action_dim
+        self.input_sizes, self.action_dim, self.T = (action_dim, obs_dim, 128), action_dim, T
 
     def forward(self, obs: torch.Tensor, noisy_actions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """(B, S), (B, A), integer steps t (B,), or (1,) for one step shared by the batch -> predicted noise (B, A)."""
-        f = 2 * math.pi * t.float().unsqueeze(-1) @ self.fourier_kernel.T  # (B or 1, time_dim / 2)
-        cond = self.cond[1](mish(self.cond[0](torch.cat([torch.cos(f), torch.sin(f)], dim=-1))))
-        # W [a_t; s; cond] + b written as W_a a_t + W_s s + (W_c cond + b): equal, and a shared t is one cond row
+        return self.at_states(obs)(noisy_actions, t)
+
+    def at_states(self, obs: torch.Tensor):
+        """eps_theta(s, ., .) at fixed states, for the sampler's T calls: what depends on s alone or t alone, once."""
+        f = 2 * math.pi * torch.arange(self.T, device=obs.device).float().unsqueeze(-1) @ self.fourier_kernel.T
+        cond = self.cond[1](mish(self.cond[0](torch.cat([torch.cos(f), torch.sin(f)], dim=-1))))  # (T, 128), t = 0..T-1
+        # W [a_t; s; cond] + b = W_a a_t + W_s s + (W_c cond + b): the last two terms do not depend on a_t
         W_a, W_s, W_c = self.mlp[0].weight.split(self.input_sizes, dim=1)
-        x = mish(F.linear(noisy_actions, W_a) + F.linear(obs, W_s) + F.linear(cond, W_c, self.mlp[0].bias))
-        for layer in self.mlp[1:]:
-            x = mish(layer(x))
-        return self.out(x)
+        state_share, time_share = F.linear(obs, W_s), F.linear(cond, W_c, self.mlp[0].bias)  # (B, H), (T, H)
+
+        def eps_theta(noisy_actions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x = mish(F.linear(noisy_actions, W_a) + state_share + time_share[t])  # each sample takes its step's row
+            for layer in self.mlp[1:]:
+                x = mish(layer(x))
+            return self.out(x)
+
+        return eps_theta
 
 
 # ALGO LOGIC: the diffusion policy
@@ -257,9 +266,11 @@ def ddpm_sample(denoiser, schedule: DiffusionSchedule, obs: torch.Tensor, temper
     """The reverse DDPM chain from x_T ~ N(0, I) to an action in [-1, 1]^A: (B, S) -> (B, A). No gradient flows."""
     with torch.no_grad():
         x = torch.randn(obs.shape[0], denoiser.action_dim, device=obs.device) if x_T is None else x_T
+        own = type(denoiser).forward is Denoiser.forward  # Denoiser's shares computed once; another forward as it is
+        eps_theta = denoiser.at_states(obs) if own else functools.partial(denoiser, obs)
         for t in reversed(range(schedule.T)):
             alpha, alpha_bar, beta = schedule.alphas[t], schedule.alpha_bars[t], schedule.betas[t]
-            eps_pred = denoiser(obs, x, torch.full((1,), t, device=obs.device))  # one step for the whole batch
+            eps_pred = eps_theta(x, torch.full((1,), t, device=obs.device))  # one step for the whole batch
             # x_{t-1} = (x_t - (1 - alpha_t) / sqrt(1 - alpha_bar_t) * eps_theta(s, x_t, t)) / sqrt(alpha_t)
             x = (x - (1.0 - alpha) / math.sqrt(1.0 - alpha_bar) * eps_pred) / math.sqrt(alpha)
             if t > 0:  # + sqrt(beta_t) * temperature * z
@@ -329,11 +340,10 @@ def critic_loss(critic, critic_target, denoiser, schedule, batch: Batch, args: A
     y, next_actions = td_target(critic_target, denoiser, schedule, batch, args)
     q = critic(batch.obs, batch.actions).float()  # (num_q, B); .float(): a no-op, except under --bf16
     qf_losses = (q - y).pow(2).mean(dim=1)  # (num_q,)
-    metrics = {"losses/qf1_loss": qf_losses[0].detach(), "losses/qf2_loss": qf_losses[1].detach(),
-               "losses/qf1_values": q[0].mean().detach(), "losses/qf2_values": q[1].mean().detach(),
-               "losses/td_target": y.mean(),  # and the share of sampled actions at +-1 (QSM tends to bang-bang):
+    metrics = {"losses/qf1_loss": qf_losses[0], "losses/qf2_loss": qf_losses[1], "losses/qf1_values": q[0].mean(),
+               "losses/qf2_values": q[1].mean(), "losses/td_target": y.mean(),  # and the share of actions at +-1:
                "charts/action_saturation": (next_actions.abs() >= 1.0).float().mean()}  # fmt: skip
-    return qf_losses.sum(), metrics
+    return qf_losses.sum(), {key: value.detach() for key, value in metrics.items()}
 
 
 def qsm_target(critic, obs: torch.Tensor, noisy_actions: torch.Tensor, M_q: float) -> torch.Tensor:
@@ -377,7 +387,7 @@ def build_agent(obs_dim: int, action_dim: int, args: Args, device) -> Agent:
     critic = TwinCritic(obs_dim, action_dim, args.critic_hidden_dims).to(device)
     critic_target = TwinCritic(obs_dim, action_dim, args.critic_hidden_dims).to(device).requires_grad_(False)
     critic_target.load_state_dict(critic.state_dict())
-    denoiser = Denoiser(obs_dim, action_dim, args.actor_hidden_dims).to(device)
+    denoiser = Denoiser(obs_dim, action_dim, args.actor_hidden_dims, args.T).to(device)
     # fused: one kernel per Adam step; under CUDA graphs the steps and learning rates live on the GPU (capturable)
     lr = (lambda value: torch.tensor(value, device=device)) if args.cudagraphs else float
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr(args.critic_lr), fused=True, capturable=args.cudagraphs)
@@ -399,8 +409,7 @@ def update_critic(agent: Agent, batch: Batch, args: Args) -> dict:
 
 
 def update_actor(agent: Agent, batch: Batch, args: Args) -> dict:
-    """One QSM step on the denoiser against the critics just updated. Returns detached metrics (no syncs); if
-    q_grad_norm, the mean |grad_a Q|, collapses to ~0 or explodes, the score target does too."""
+    """One QSM step on the denoiser against the critics just updated. Returns detached metrics (no syncs)."""
     loss, target = qsm_loss(agent.denoiser, agent.critic, agent.schedule, batch, args.M_q)
     agent.actor_optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -431,8 +440,6 @@ def evaluate(envs: list[DMCEnv], denoiser, schedule, args: Args, device, video: 
             returns[i] += reward
             running[i] = not done
     if video:
-        import imageio  # only with --capture-video
-
         os.makedirs(os.path.dirname(video), exist_ok=True)
         fps = min(60, round(1 / (envs[0].env.control_timestep() * args.action_repeat)))
         imageio.mimwrite(video, frames, fps=fps, macro_block_size=8)
@@ -475,8 +482,8 @@ RUN_FIELDS = ("exp_name", "torch_deterministic", "cuda", "track", "wandb_project
               "capture_video", "evaluate_model", "checkpoint_interval", "resume", "total_timesteps", "eval_interval",
               "eval_episodes", "compile", "cudagraphs")  # fmt: skip
 RESUME_FIXED = ("env_id", "seed", "action_repeat", "buffer_size", "critic_hidden_dims", "actor_hidden_dims")
-POSITIVE = ("total_timesteps", "buffer_size", "batch_size", "critic_lr", "actor_lr", "actor_lr_decay_steps",
-            "critic_hidden_dims", "actor_hidden_dims", "T", "M_q", "utd_ratio", "eval_interval", "eval_episodes",
+POSITIVE = ("total_timesteps", "buffer_size", "batch_size", "critic_lr", "actor_lr", "actor_lr_decay_steps", "T", "M_q",
+            "critic_hidden_dims", "actor_hidden_dims", "utd_ratio", "eval_interval", "eval_episodes",
             "action_repeat")  # fmt: skip
 NON_NEGATIVE = ("checkpoint_interval", "learning_starts", "ddpm_temperature", "exploration_noise", "target_noise")
 RANGES = {"seed": (lambda v: 0 <= v < 2**32, "in [0, 2^32)"), "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -510,13 +517,11 @@ def check_args(args: Args) -> str | None:
 def load_checkpoint(path: str, flag: str) -> tuple[str, dict]:
     """(file, state) of a checkpoint or --save-model file, given it or its run directory; else a one-line error."""
     file = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        fail(f"{flag} {path}: no checkpoint there (looked for {file})")
     try:  # weights_only: loading runs no pickled code
         state = torch.load(file, map_location="cpu", weights_only=True)
         return file, state | {"args": Args(**state["args"])}
-    except Exception as error:  # truncated, corrupt or not one of this script's files
-        fail(f"{flag} {file}: not a readable checkpoint or --save-model file ({type(error).__name__}); use another")
+    except Exception as error:  # missing, truncated, corrupt or not one of this script's files
+        fail(f"{flag} {path}: no readable checkpoint or --save-model file at {file} ({type(error).__name__})")
 
 
 def resume_args(args: Args) -> tuple[Args, str, dict]:
@@ -547,11 +552,9 @@ def resume_args(args: Args) -> tuple[Args, str, dict]:
 def make_replay_buffer(args: Args, obs_dim: int, action_dim: int, device: torch.device) -> ReplayBuffer:
     need = args.buffer_size * (2 * obs_dim + action_dim + 2) * 4  # float32 rows [s, a, r, s', mask]
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # the CPU allocates lazily: check up front
-    try:
-        if device.type == "cuda" or need <= ram:
+    if device.type == "cuda" or need <= ram:
+        with contextlib.suppress(RuntimeError):  # out of memory
             return ReplayBuffer(args.buffer_size, obs_dim, action_dim, device)
-    except RuntimeError:  # out of memory
-        pass
     fail(f"--buffer-size {args.buffer_size}: the replay buffer needs {need / 2**30:.1f} GiB, more than this "
          f"{device.type} can allocate; lower --buffer-size")  # fmt: skip
 
@@ -619,7 +622,7 @@ def evaluate_model(args: Args) -> None:
     args = dataclasses.replace(state["args"], cuda=args.cuda, eval_episodes=args.eval_episodes, seed=args.seed,
                                capture_video=args.capture_video, cudagraphs=False)  # fmt: skip
     envs = [DMCEnv(args.env_id, args.seed + 10_000 + i, args.action_repeat) for i in range(args.eval_episodes)]
-    denoiser = Denoiser(envs[0].obs_dim, envs[0].action_dim, args.actor_hidden_dims).to(device)
+    denoiser = Denoiser(envs[0].obs_dim, envs[0].action_dim, args.actor_hidden_dims, args.T).to(device)
     denoiser.load_state_dict(state["denoiser"])
     video = f"videos/{os.path.basename(os.path.dirname(os.path.abspath(file)))}/evaluate.mp4"
     torch.manual_seed(args.seed)
@@ -710,8 +713,8 @@ if __name__ == "__main__":
         start_wandb(args, run_name, saved and saved["wandb_id"])
     writer = SummaryWriter(run_dir, purge_step=saved and saved["global_step"])  # a resume drops logs past its step
     if not saved:
-        table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
 
     if args.compile:  # rebinds the module's names: updates, acting and evaluation all call the compiled versions
         critic_loss, qsm_loss, ddpm_sample = map(torch.compile, (critic_loss, qsm_loss, ddpm_sample))
@@ -719,9 +722,7 @@ if __name__ == "__main__":
     def update(idx: torch.Tensor) -> dict:  # gathers its own batch: a CUDA graph replays the gather too
         return train_step(agent, rb.gather(idx), args)
 
-    def policy(obs: torch.Tensor) -> torch.Tensor:
-        return act(agent.denoiser, agent.schedule, obs, args)
-
+    policy = functools.partial(act, agent.denoiser, agent.schedule, args=args)
     if args.cudagraphs:
         update, policy = CudaGraph(update), CudaGraph(policy)
 

@@ -49,7 +49,7 @@ def test_denoiser_is_the_official_mlp_on_concat_and_t_may_be_shared(qsm):
     for one step shared by the batch, t of shape (1,), as the sampler passes it."""
     torch.manual_seed(0)
     S, A, B = 7, 3, 11
-    den = qsm.Denoiser(S, A, (32, 16))
+    den = qsm.Denoiser(S, A, (32, 16), 5)
     obs, actions, t = torch.randn(B, S), torch.randn(B, A), torch.randint(0, 5, (B,))
     f = 2 * math.pi * t.float()[:, None] * den.fourier_kernel[:, 0]  # [cos 2 pi t W, sin 2 pi t W], W (32, 1)
     cond = den.cond[1](F.mish(den.cond[0](torch.cat([torch.cos(f), torch.sin(f)], dim=-1))))
@@ -59,6 +59,17 @@ def test_denoiser_is_the_official_mlp_on_concat_and_t_may_be_shared(qsm):
     torch.testing.assert_close(den(obs, actions, t), den.out(x))
     shared = den(obs, actions, torch.full((1,), 4))
     torch.testing.assert_close(shared, den(obs, actions, torch.full((B,), 4)))
+
+
+def hand_written_chain(denoiser, schedule, obs, x_T):
+    """The T = 5 DDPM chain at temperature 0, in float64, each step's t given per sample: (B, S) -> (B, A)."""
+    x = x_T.double()
+    with torch.no_grad():
+        for t in [4, 3, 2, 1, 0]:
+            a, ab = schedule.alphas[t], schedule.alpha_bars[t]
+            eps = denoiser(obs, x.float(), torch.full((len(obs),), t)).double()
+            x = ((x - (1 - a) / math.sqrt(1 - ab) * eps) / math.sqrt(a)).clamp(-1, 1)
+    return x.float()
 
 
 class DoubledDenoiser:
@@ -72,19 +83,13 @@ def test_sampler_and_loss_use_the_denoisers_own_forward(qsm):
     """A subclass that changes only forward changes the sampler's output exactly as the hand-written chain with that
     forward does, and the QSM loss with it: nothing reaches the network around forward."""
     torch.manual_seed(0)
-    plain = qsm.Denoiser(5, 3, (32, 32))
-    changed = type("Changed", (DoubledDenoiser, qsm.Denoiser), {})(5, 3, (32, 32))
+    plain = qsm.Denoiser(5, 3, (32, 32), 5)
+    changed = type("Changed", (DoubledDenoiser, qsm.Denoiser), {})(5, 3, (32, 32), 5)
     changed.load_state_dict(plain.state_dict())
     schedule = qsm.DiffusionSchedule("vp", 5)
     obs, x_T = torch.randn(16, 5), torch.randn(16, 3)
-    x = x_T.double()
-    with torch.no_grad():
-        for t in [4, 3, 2, 1, 0]:
-            a, ab = schedule.alphas[t], schedule.alpha_bars[t]
-            eps = changed(obs, x.float(), torch.full((16,), t)).double()
-            x = ((x - (1 - a) / math.sqrt(1 - ab) * eps) / math.sqrt(a)).clamp(-1, 1)
     got = qsm.ddpm_sample(changed, schedule, obs, temperature=0.0, x_T=x_T, clip=True)
-    torch.testing.assert_close(got, x.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, hand_written_chain(changed, schedule, obs, x_T), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, qsm.ddpm_sample(plain, schedule, obs, temperature=0.0, x_T=x_T))
     critic = qsm.TwinCritic(5, 3, (16,))
     batch = qsm.Batch(obs, torch.rand(16, 3) * 2 - 1, torch.zeros(16), obs, torch.ones(16))
@@ -98,7 +103,7 @@ def test_sampler_and_loss_use_the_denoisers_own_forward(qsm):
 @pytest.fixture()
 def denoiser(qsm):
     torch.manual_seed(0)
-    return qsm.Denoiser(5, 3, (32, 32))
+    return qsm.Denoiser(5, 3, (32, 32), 5)
 
 
 def test_sampler_shape_range_and_seed(qsm, denoiser):
@@ -124,13 +129,7 @@ def test_sampler_at_temperature_zero_is_the_hand_written_chain(qsm, denoiser):
     torch.manual_seed(123)
     again = qsm.ddpm_sample(denoiser, schedule, obs, temperature=0.0, x_T=x_T)
     assert torch.equal(got, again)
-    x = x_T.double()
-    with torch.no_grad():
-        for t in [4, 3, 2, 1, 0]:
-            a, ab = schedule.alphas[t], schedule.alpha_bars[t]
-            eps = denoiser(obs, x.float(), torch.full((16,), t)).double()
-            x = ((x - (1 - a) / math.sqrt(1 - ab) * eps) / math.sqrt(a)).clamp(-1, 1)
-    torch.testing.assert_close(got, x.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, hand_written_chain(denoiser, schedule, obs, x_T), rtol=1e-5, atol=1e-5)
 
 
 def test_sampler_without_clipping_can_leave_the_box_only_before_the_last_clip(qsm, denoiser):

@@ -125,7 +125,7 @@ def _snapshot(directory):
 @pytest.mark.parametrize(
     ("damage", "args", "expected"),
     [
-        ("truncate", [], "checkpoint.pt: not a readable checkpoint or --save-model file (RuntimeError); use another"),
+        ("truncate", [], "no readable checkpoint or --save-model file at"),
         ("model-file", [], "qsm_continuous.pt is a --save-model file, not a checkpoint; use runs/RUN/checkpoint.pt"),
         (
             None,
@@ -152,13 +152,15 @@ def test_bad_checkpoints_give_one_line_and_touch_nothing(checkpointed, tmp_path,
     result = run_script(["--resume", str(resume), *args], tmp_path, timeout=120)
     assert result.returncode == 2
     assert result.stderr.startswith("error: --resume") and expected in result.stderr, result.stderr
+    assert damage != "truncate" or "checkpoint.pt (RuntimeError)" in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert _snapshot(copy) == before  # nothing written, nothing overwritten
 
 
 def test_resume_from_nowhere(tmp_path):
     result = run_script(["--resume", str(tmp_path / "nothing")], tmp_path, timeout=120)
-    assert result.returncode == 2 and "no checkpoint there" in result.stderr and result.stderr.count("\n") == 1
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert f"no readable checkpoint or --save-model file at {tmp_path}/nothing (FileNotFoundError)" in result.stderr
 
 
 def test_checkpoint_restores_a_wrapped_ring_buffer_agent_and_task(qsm, tmp_path):

@@ -91,7 +91,7 @@ def test_qsm_loss_uses_the_forward_diffusion_of_replay_actions(qsm):
     """Replays the loss's random draws (t, then eps) and recomputes it by hand."""
     torch.manual_seed(0)
     S, A, B = 4, 2, 32
-    den, critic, schedule = qsm.Denoiser(S, A, (16,)), QuadraticCritic(S, A), qsm.DiffusionSchedule("vp", 5)
+    den, critic, schedule = qsm.Denoiser(S, A, (16,), 5), QuadraticCritic(S, A), qsm.DiffusionSchedule("vp", 5)
     batch = qsm.Batch(torch.randn(B, S), torch.rand(B, A) * 2 - 1, torch.zeros(B), torch.randn(B, S), torch.ones(B))
     torch.manual_seed(7)
     loss, _ = qsm.qsm_loss(den, critic, schedule, batch, M_q=3.0)
@@ -115,7 +115,7 @@ def test_score_updates_move_sampled_actions_to_the_best_action(qsm):
     torch.manual_seed(0)
     S, A, B = 4, 2, 256
     critic = QuadraticCritic(S, A)
-    den, schedule = qsm.Denoiser(S, A, (64, 64)), qsm.DiffusionSchedule("vp", 5)
+    den, schedule = qsm.Denoiser(S, A, (64, 64), 5), qsm.DiffusionSchedule("vp", 5)
     opt = torch.optim.Adam(den.parameters(), lr=3e-3)
     obs_test = torch.randn(512, S)
 
@@ -145,7 +145,7 @@ class ConstantCritic:
 
 def test_td_target_on_a_hand_computed_batch(qsm):
     torch.manual_seed(0)
-    den, schedule = qsm.Denoiser(2, 3, (8,)), qsm.DiffusionSchedule("vp", 5)
+    den, schedule = qsm.Denoiser(2, 3, (8,), 5), qsm.DiffusionSchedule("vp", 5)
     next_obs = torch.tensor([[1.0, 2.0], [0.5, -1.0], [1.0, 1.0]])  # min(Q1, Q2) = [3, -2, 2]
     batch = qsm.Batch(
         obs=torch.zeros(3, 2),

@@ -88,7 +88,7 @@ def test_saved_model_loads_and_acts(trained, qsm):
     # exactly one critic step and one score step per environment step after learning_starts
     assert ckpt["critic_optimizer"]["state"][0]["step"] == 1500
     assert ckpt["actor_optimizer"]["state"][0]["step"] == 1500
-    den = qsm.Denoiser(17, 6, (64, 64))
+    den = qsm.Denoiser(17, 6, (64, 64), 5)
     den.load_state_dict(ckpt["denoiser"])
     critic = qsm.TwinCritic(17, 6, (64, 64))
     critic.load_state_dict(ckpt["critic"])
@@ -241,6 +241,6 @@ def test_evaluate_model_rejects_a_non_model(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     result = run_script(["--evaluate-model", str(tmp_path / "junk.pt")], tmp_path, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith(
-        f"error: --evaluate-model {tmp_path}/junk.pt: not a readable checkpoint or --save-model file (UnpicklingError)"
+        f"error: --evaluate-model {tmp_path}/junk.pt: no readable checkpoint or --save-model file at {tmp_path}/junk.pt"
     )
     assert result.stderr.count("\n") == 1
