@@ -220,7 +220,7 @@ class Denoiser(nn.Module):
         return self.at_states(obs)(noisy_actions, t)
 
     def at_states(self, obs: torch.Tensor):
-        """eps_theta(s, ., .) at fixed states, for the sampler's T calls: what depends on s alone or t alone, once."""
+        """The network, as eps_theta(s, ., .) at fixed states: what depends on s or t alone is computed once, here."""
         f = 2 * math.pi * torch.arange(self.T, device=obs.device).float().unsqueeze(-1) @ self.fourier_kernel.T
         cond = self.cond[1](mish(self.cond[0](torch.cat([torch.cos(f), torch.sin(f)], dim=-1))))  # (T, 128), t = 0..T-1
         # W [a_t; s; cond] + b = W_a a_t + W_s s + (W_c cond + b): the last two terms do not depend on a_t
