@@ -36,7 +36,7 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
-    """seed of the experiment (Python, NumPy, torch and the dm_control tasks)"""
+    """seed of Python, NumPy, torch and the dm_control task (eval tasks: seed + 10000 + i, probe state: seed + 20000)"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = torch.cuda.is_available()
@@ -486,8 +486,8 @@ POSITIVE = ("total_timesteps", "buffer_size", "batch_size", "critic_lr", "actor_
             "critic_hidden_dims", "actor_hidden_dims", "utd_ratio", "eval_interval", "eval_episodes",
             "action_repeat")  # fmt: skip
 NON_NEGATIVE = ("checkpoint_interval", "learning_starts", "ddpm_temperature", "exploration_noise", "target_noise")
-RANGES = {"seed": (lambda v: 0 <= v < 2**32, "in [0, 2^32)"), "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-          "tau": (lambda v: 0 < v <= 1, "in (0, 1]"), **dict.fromkeys(POSITIVE, (lambda v: v > 0, "positive")),
+RANGES = {"seed": (lambda v: 0 <= v < 4294947296, "in [0, 2^32 - 20000)"), "tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
+          "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"), **dict.fromkeys(POSITIVE, (lambda v: v > 0, "positive")),
           **dict.fromkeys(NON_NEGATIVE, (lambda v: v >= 0, ">= 0"))}  # fmt: skip
 
 
