@@ -72,14 +72,19 @@ def parse(argv=None) -> argparse.Namespace:
     return opts
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def median_rate(fn, device, windows=7, calls=10) -> float:
     rates = []
     for _ in range(windows):
-        torch.cuda.synchronize() if device.type == "cuda" else None
+        sync(device)
         start = time.perf_counter()
         for _ in range(calls):
             fn()
-        torch.cuda.synchronize() if device.type == "cuda" else None
+        sync(device)
         rates.append(calls / (time.perf_counter() - start))
     return statistics.median(rates)
 
