@@ -89,10 +89,18 @@ class Args:
     """noise schedule of the diffusion: `vp`, `cosine` or `linear`"""
     ddpm_temperature: float = 1.0
     """scale of the noise injected at every reverse step of the sampler (0: deterministic chain)"""
-    clip_sampler: bool = True
-    """clip the sample to [-1, 1] after every reverse step"""
+    sampler_clip: str = "x_t"
+    """where the sampler clips to [-1, 1]: `x_t` after every reverse step (the paper), `x0_hat` the predicted clean
+    action inside every step (DDPM's clip_denoised), `final` only the returned action"""
     M_q: float = 50.0
     """the QSM scale alpha: the denoiser regresses onto -M_q * grad_a Q"""
+    score_target: str = "paper"
+    """the denoiser's target: `paper` -M_q grad_a Q(s, a_t); `denoising` eps - M_q sigma_t grad_a Q(s, a_t) with
+    sigma_t = sqrt(1 - alpha_bar_t): DDPM's noise target on the replay actions, guided by Q"""
+    normalize_q_grad: bool = False
+    """divide grad_a Q by its batch-mean norm in the target: M_q then sets the target's scale, whatever Q's scale"""
+    best_of_n: int = 1
+    """act and evaluate with the best by min_i Q_i(s, a) of this many DDPM samples per state (1: one, the paper)"""
     exploration_noise: float = 0.1
     """std of the Gaussian noise added to the DDPM action when acting"""
     target_noise: float = 0.1
@@ -262,7 +270,7 @@ class DiffusionSchedule:
 
 
 def ddpm_sample(denoiser, schedule: DiffusionSchedule, obs: torch.Tensor, temperature: float = 1.0,
-                clip: bool = True, x_T: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                clip: str = "x_t", x_T: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The reverse DDPM chain from x_T ~ N(0, I) to an action in [-1, 1]^A: (B, S) -> (B, A). No gradient flows."""
     with torch.no_grad():
         x = torch.randn(obs.shape[0], denoiser.action_dim, device=obs.device) if x_T is None else x_T
@@ -271,18 +279,35 @@ def ddpm_sample(denoiser, schedule: DiffusionSchedule, obs: torch.Tensor, temper
         for t in reversed(range(schedule.T)):
             alpha, alpha_bar, beta = schedule.alphas[t], schedule.alpha_bars[t], schedule.betas[t]
             eps_pred = eps_theta(x, torch.full((1,), t, device=obs.device))  # one step for the whole batch
-            # x_{t-1} = (x_t - (1 - alpha_t) / sqrt(1 - alpha_bar_t) * eps_theta(s, x_t, t)) / sqrt(alpha_t)
-            x = (x - (1.0 - alpha) / math.sqrt(1.0 - alpha_bar) * eps_pred) / math.sqrt(alpha)
+            if clip == "x0_hat":  # the posterior mean of q(x_{t-1} | x_t, x0_hat) at the clipped clean action
+                x0_hat = ((x - math.sqrt(1.0 - alpha_bar) * eps_pred) / math.sqrt(alpha_bar)).clamp(-1.0, 1.0)
+                prev = schedule.alpha_bars[t - 1] if t > 0 else 1.0  # alpha_bar_{t-1}
+                x = (math.sqrt(prev) * beta * x0_hat + math.sqrt(alpha) * (1.0 - prev) * x) / (1.0 - alpha_bar)
+            else:  # x_{t-1} = (x_t - (1 - alpha_t) / sqrt(1 - alpha_bar_t) * eps_theta(s, x_t, t)) / sqrt(alpha_t)
+                x = (x - (1.0 - alpha) / math.sqrt(1.0 - alpha_bar) * eps_pred) / math.sqrt(alpha)
             if t > 0:  # + sqrt(beta_t) * temperature * z
                 x = x + math.sqrt(beta) * temperature * torch.randn_like(x)
-            if clip:
+            if clip == "x_t":
                 x = x.clamp(-1.0, 1.0)
         return x.clamp(-1.0, 1.0)
 
 
-def act(denoiser, schedule: DiffusionSchedule, obs: torch.Tensor, args: Args) -> torch.Tensor:
-    """The behaviour policy: a = clip(DDPM(s) + N(0, exploration_noise^2), -1, 1). Float32 also under --bf16."""
-    a = ddpm_sample(denoiser, schedule, obs, args.ddpm_temperature, args.clip_sampler)
+def best_of_n(denoiser, critic, schedule: DiffusionSchedule, obs: torch.Tensor, args: Args) -> torch.Tensor:
+    """The policy: of N = best_of_n DDPM samples per state, drawn in one sampler call, the one with the highest
+    min_i Q_i(s, a); N = 1 is the paper's single sample. (B, S) -> (B, A)."""
+    n = args.best_of_n
+    obs_n = obs.repeat_interleave(n, dim=0)  # (B N, S): sample k of state j in row j N + k
+    actions = ddpm_sample(denoiser, schedule, obs_n, args.ddpm_temperature, args.sampler_clip)
+    if n == 1:
+        return actions
+    with torch.no_grad():
+        q = critic(obs_n, actions).min(dim=0).values.view(-1, n, 1)  # (B, N, 1)
+    return actions.view(-1, n, actions.shape[-1]).take_along_dim(q.argmax(dim=1, keepdim=True), dim=1)[:, 0]
+
+
+def act(denoiser, critic, schedule: DiffusionSchedule, obs: torch.Tensor, args: Args) -> torch.Tensor:
+    """The behaviour policy: a = clip(policy(s) + N(0, exploration_noise^2), -1, 1). Float32 also under --bf16."""
+    a = best_of_n(denoiser, critic, schedule, obs, args)
     return (a + args.exploration_noise * torch.randn_like(a)).clamp(-1.0, 1.0)
 
 
@@ -328,7 +353,7 @@ class ReplayBuffer:
 def td_target(critic_target, denoiser, schedule, batch: Batch, args: Args) -> tuple[torch.Tensor, torch.Tensor]:
     """y = r + gamma * mask * min_i Q_i_targ(s', a'), a' = clip(DDPM(s') + N(0, target_noise^2)). Returns (y, a')."""
     with torch.no_grad():
-        next_actions = ddpm_sample(denoiser, schedule, batch.next_obs, args.ddpm_temperature, args.clip_sampler)
+        next_actions = ddpm_sample(denoiser, schedule, batch.next_obs, args.ddpm_temperature, args.sampler_clip)
         noisy_next_actions = (next_actions + args.target_noise * torch.randn_like(next_actions)).clamp(-1.0, 1.0)
         next_q = critic_target(batch.next_obs, noisy_next_actions).min(dim=0).values  # (B,)
         return batch.rewards + args.gamma * batch.masks * next_q, next_actions
@@ -346,24 +371,29 @@ def critic_loss(critic, critic_target, denoiser, schedule, batch: Batch, args: A
     return qf_losses.sum(), {key: value.detach() for key, value in metrics.items()}
 
 
-def qsm_target(critic, obs: torch.Tensor, noisy_actions: torch.Tensor, M_q: float) -> torch.Tensor:
-    """-M_q * grad_a Q(s, a_t), Q the mean of the critics, by autograd on the critic's own forward: (B, A)."""
+def qsm_target(critic, obs: torch.Tensor, noisy_actions: torch.Tensor, M_q: float, normalize: bool = False):
+    """-M_q * grad_a Q(s, a_t), Q the mean of the critics, by autograd on the critic's own forward: (B, A).
+    normalize (--normalize-q-grad): grad_a Q divided by its batch-mean norm, so M_q alone sets the scale."""
     with torch.no_grad():  # a constant target: no gradient reaches the critics (torch.func.grad still differentiates)
         # Q(s_j, a_j) depends on a_j alone, so the gradient of the batch sum holds each sample's own grad_a Q
-        return -M_q * torch.func.grad(lambda a: critic(obs, a).mean(dim=0).sum())(noisy_actions)
+        grad = torch.func.grad(lambda a: critic(obs, a).mean(dim=0).sum())(noisy_actions)
+        return -M_q * (grad / grad.norm(dim=-1).mean().clamp_min(1e-8) if normalize else grad)
 
 
-def qsm_loss(denoiser, critic, schedule, batch: Batch, M_q: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """mean (eps_theta(s, a_t, t) - (-M_q grad_a Q(s, a_t)))^2 at noised replay actions; returns (loss, target).
+def qsm_loss(denoiser, critic, schedule, batch: Batch, M_q: float, score_target: str = "paper",
+             normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """mean (eps_theta(s, a_t, t) - (-M_q grad_a Q(s, a_t)))^2 at noised replay actions; returns (loss, the Q term).
     eps_theta predicts noise and each reverse step subtracts it, so matching -M_q grad_a Q makes every denoising step
-    climb Q. Only the denoiser is differentiated, never the sampling chain."""
+    climb Q. Only the denoiser is differentiated, never the sampling chain. score_target and normalize: see Args."""
     t = torch.randint(0, schedule.T, batch.actions.shape[:1], device=batch.actions.device)  # t ~ U{0..T-1}, (B,)
     noise = torch.randn_like(batch.actions)  # eps ~ N(0, I)
     alpha_bar = schedule.alpha_bars_t[t].unsqueeze(-1)  # (B, 1)
     noisy_actions = alpha_bar.sqrt() * batch.actions + (1.0 - alpha_bar).sqrt() * noise  # a_t, (B, A)
-    target = qsm_target(critic, batch.obs, noisy_actions, M_q).float()  # .float(): a no-op, except under --bf16
+    q_term = qsm_target(critic, batch.obs, noisy_actions, M_q, normalize).float()  # .float(): a no-op except --bf16
+    # paper: -M_q grad_a Q(s, a_t); denoising: eps - M_q sqrt(1 - alpha_bar_t) grad_a Q(s, a_t)
+    target = q_term if score_target == "paper" else noise + (1.0 - alpha_bar).sqrt() * q_term
     eps_pred = denoiser(batch.obs, noisy_actions, t).float()  # (B, A)
-    return (eps_pred - target).pow(2).mean(), target  # eps_theta(s, a_t, t) -> -M_q * grad_a Q(s, a_t)
+    return (eps_pred - target).pow(2).mean(), q_term  # eps_theta(s, a_t, t) -> target
 
 
 @dataclasses.dataclass
@@ -410,7 +440,8 @@ def update_critic(agent: Agent, batch: Batch, args: Args) -> dict:
 
 def update_actor(agent: Agent, batch: Batch, args: Args) -> dict:
     """One QSM step on the denoiser against the critics just updated. Returns detached metrics (no syncs)."""
-    loss, target = qsm_loss(agent.denoiser, agent.critic, agent.schedule, batch, args.M_q)
+    loss, target = qsm_loss(agent.denoiser, agent.critic, agent.schedule, batch, args.M_q, args.score_target,
+                            args.normalize_q_grad)  # fmt: skip
     agent.actor_optimizer.zero_grad(set_to_none=True)
     loss.backward()
     agent.actor_optimizer.step()
@@ -424,7 +455,7 @@ def train_step(agent: Agent, batch: Batch, args: Args) -> dict:
 
 
 # TRY NOT TO MODIFY: evaluation, speed, checkpoints, argument checks
-def evaluate(envs: list[DMCEnv], denoiser, schedule, args: Args, device, video: str | None = None) -> np.ndarray:
+def evaluate(envs: list[DMCEnv], denoiser, critic, schedule, args: Args, device, video: str | None = None):
     """One episode per env, side by side, no exploration noise; env i reseeded with seed + 10000 + i every time."""
     for i, env in enumerate(envs):
         env.env.task.random.seed(args.seed + 10_000 + i)
@@ -434,7 +465,7 @@ def evaluate(envs: list[DMCEnv], denoiser, schedule, args: Args, device, video: 
         if video and running[0]:  # film the first episode
             frames.append(envs[0].env.physics.render(height=240, width=320, camera_id=0))
         obs_t = torch.as_tensor(obs[running], device=device)
-        actions = ddpm_sample(denoiser, schedule, obs_t, args.ddpm_temperature, args.clip_sampler).cpu().numpy()
+        actions = best_of_n(denoiser, critic, schedule, obs_t, args).cpu().numpy()
         for action, i in zip(actions, np.flatnonzero(running), strict=True):
             obs[i], reward, _, done = envs[i].step(action)
             returns[i] += reward
@@ -484,11 +515,12 @@ RUN_FIELDS = ("exp_name", "torch_deterministic", "cuda", "track", "wandb_project
 RESUME_FIXED = ("env_id", "seed", "action_repeat", "buffer_size", "critic_hidden_dims", "actor_hidden_dims")
 POSITIVE = ("total_timesteps", "buffer_size", "batch_size", "critic_lr", "actor_lr", "actor_lr_decay_steps", "T", "M_q",
             "critic_hidden_dims", "actor_hidden_dims", "utd_ratio", "eval_interval", "eval_episodes",
-            "action_repeat")  # fmt: skip
+            "action_repeat", "best_of_n")  # fmt: skip
 NON_NEGATIVE = ("checkpoint_interval", "learning_starts", "ddpm_temperature", "exploration_noise", "target_noise")
 RANGES = {"seed": (lambda v: 0 <= v < 4294947296, "in [0, 2^32 - 20000)"), "tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
           "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"), **dict.fromkeys(POSITIVE, (lambda v: v > 0, "positive")),
           **dict.fromkeys(NON_NEGATIVE, (lambda v: v >= 0, ">= 0"))}  # fmt: skip
+CHOICES = {"sampler_clip": ("x_t", "x0_hat", "final"), "score_target": ("paper", "denoising")}
 
 
 def check_args(args: Args) -> str | None:
@@ -500,6 +532,9 @@ def check_args(args: Args) -> str | None:
         for v in value if isinstance(value, tuple) else (value,):
             if not math.isfinite(v) or not ok(v):
                 return f"{flag} must be {rule if math.isfinite(v) else 'finite'}, got {v}"
+    for name, choices in CHOICES.items():
+        if getattr(args, name) not in choices:
+            return f"--{name.replace('_', '-')} {getattr(args, name)!r} is unknown; use one of: {', '.join(choices)}"
     try:
         parse_env_id(args.env_id)
         beta_schedule(args.beta_schedule, 1)
@@ -622,11 +657,12 @@ def evaluate_model(args: Args) -> None:
     args = dataclasses.replace(state["args"], cuda=args.cuda, eval_episodes=args.eval_episodes, seed=args.seed,
                                capture_video=args.capture_video, cudagraphs=False)  # fmt: skip
     envs = [DMCEnv(args.env_id, args.seed + 10_000 + i, args.action_repeat) for i in range(args.eval_episodes)]
-    denoiser = Denoiser(envs[0].obs_dim, envs[0].action_dim, args.actor_hidden_dims, args.T).to(device)
-    denoiser.load_state_dict(state["denoiser"])
+    agent = build_agent(envs[0].obs_dim, envs[0].action_dim, args, device)
+    agent.denoiser.load_state_dict(state["denoiser"])
+    agent.critic.load_state_dict(state["critic"])  # --best-of-n ranks the samples by Q
     video = f"videos/{os.path.basename(os.path.dirname(os.path.abspath(file)))}/evaluate.mp4"
     torch.manual_seed(args.seed)
-    returns = evaluate(envs, denoiser, DiffusionSchedule(args.beta_schedule, args.T, device), args, device,
+    returns = evaluate(envs, agent.denoiser, agent.critic, agent.schedule, args, device,
                        video if args.capture_video else None)  # fmt: skip
     print(f"{args.env_id}: eval return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes "
           f"({', '.join(f'{r:.1f}' for r in returns)})")  # fmt: skip
@@ -651,10 +687,10 @@ def evaluate_and_log(agent: Agent, args: Args, eval_envs, probe_obs, writer, ste
     """Logs eval returns, the probe state's actions (paper, Fig. 4), a video; returns its seconds. RNGs forked."""
     start, video = time.time(), f"videos/{os.path.basename(os.path.abspath(writer.log_dir))}/step_{step}.mp4"
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if probe_obs.is_cuda else []):
-        returns = evaluate(eval_envs, agent.denoiser, agent.schedule, args, probe_obs.device,
+        returns = evaluate(eval_envs, agent.denoiser, agent.critic, agent.schedule, args, probe_obs.device,
                            video if args.capture_video else None)  # fmt: skip
         probe = ddpm_sample(agent.denoiser, agent.schedule, probe_obs.expand(1000, -1), args.ddpm_temperature,
-                            args.clip_sampler).cpu()  # fmt: skip
+                            args.sampler_clip).cpu()  # fmt: skip
     writer.add_scalar("eval/episodic_return", returns.mean(), step)
     writer.add_scalar("eval/episodic_return_std", returns.std(), step)
     for dim in range(probe.shape[1]):
@@ -722,7 +758,7 @@ if __name__ == "__main__":
     def update(idx: torch.Tensor) -> dict:  # gathers its own batch: a CUDA graph replays the gather too
         return train_step(agent, rb.gather(idx), args)
 
-    policy = functools.partial(act, agent.denoiser, agent.schedule, args=args)
+    policy = functools.partial(act, agent.denoiser, agent.critic, agent.schedule, args=args)
     if args.cudagraphs:
         update, policy = CudaGraph(update), CudaGraph(policy)
 

@@ -5,7 +5,8 @@ wall times of its TensorBoard loss events, every 100 steps: training steps/s (ac
 over those windows, the first two dropped as warm-up; (2) times the pieces in this process: updates/s (critic step +
 score step) and acting steps/s (one DDPM sample of a single state), medians over windows. Also the time to the first
 update (compilation included) and the peak resident memory of the training process. Modes: `eager`, or the
-script's speed flags joined by `+`: compile, bf16, cudagraphs (CUDA only). Each mode gets a new, empty torch.compile
+script's flags joined by `+`, `name=value` for a flag with a value: e.g. compile, bf16, cudagraphs (CUDA only),
+`compile+best-of-n=16+sampler-clip=x0_hat`. Each mode gets a new, empty torch.compile
 cache: the time to the first update is a cold compilation. --repeats N measures every env x mode N times,
 round-robin (a machine whose speed drifts slows all alike), and prints medians, the range of the training steps/s,
 and each mode's training steps/s over eager's in the same round (median ratio). --scripts OLD.py NEW.py trains each
@@ -14,6 +15,8 @@ script's ratio to the first one's in the same round: the way to compare two vers
 """
 
 import argparse
+import contextlib
+import io
 import itertools
 import os
 import shutil
@@ -25,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+import tyro
 from absl import logging as absl_logging
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,13 +36,22 @@ sys.path.insert(0, str(ROOT))
 import qsm_continuous as qsm  # noqa: E402
 
 LEARNING_STARTS = 500
-FLAGS = {"compile", "bf16", "cudagraphs"}
+
+
+def mode_flags(mode: str) -> list[str]:
+    """A mode as the script's flags: "compile+best-of-n=16" -> ["--compile", "--best-of-n", "16"]; "eager" -> []."""
+    tokens = [] if mode == "eager" else mode.split("+")
+    return [part for token in tokens for part in (f"--{token}".split("=", 1))]
+
+
+def mode_args(mode: str, env_id: str, cuda: bool) -> qsm.Args:
+    return tyro.cli(qsm.Args, args=[*mode_flags(mode), "--env-id", env_id, "--cuda" if cuda else "--no-cuda"])
 
 
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bash benchmark.sh speed", description=__doc__.split("\n")[0])
     parser.add_argument("--env-ids", nargs="+", default=["cheetah-run", "humanoid-walk"])
-    parser.add_argument("--modes", nargs="+", help="eager, or flags joined by +: compile, bf16, cudagraphs")
+    parser.add_argument("--modes", nargs="+", help="eager, or the script's flags joined by +, as name or name=value")
     parser.add_argument("--steps", type=int, default=1500, help="learning-phase steps of each training run")
     parser.add_argument("--repeats", type=int, default=1, help="measure every env x mode this many times, round-robin")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
@@ -58,9 +71,13 @@ def parse(argv=None) -> argparse.Namespace:
         default_modes = ["eager", "compile"] + (["bf16", "compile+bf16"] if bf16_cpu else [])
     opts.modes = opts.modes or default_modes
     for mode in opts.modes:
-        if mode != "eager" and not set(mode.split("+")) <= FLAGS:
-            sys.exit(f"error: --modes {mode!r} is unknown; use eager or flags joined by +: compile, bf16, cudagraphs")
-        if "cudagraphs" in mode and not opts.cuda:
+        try:  # tyro's own message is a page long: one line instead
+            with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+                args = mode_args(mode, "cheetah-run", opts.cuda)
+        except SystemExit:
+            sys.exit(f"error: --modes {mode!r} is unknown; use eager or the script's flags joined by +, a value after "
+                     "=, e.g. compile+best-of-n=16")  # fmt: skip
+        if args.cudagraphs and not opts.cuda:
             sys.exit(f"error: --modes {mode!r} needs --cuda")
     for env_id in opts.env_ids:
         if env_id not in qsm.ENV_IDS:
@@ -94,12 +111,12 @@ def pieces(env_id: str, mode: str, cuda: bool) -> tuple[float, float]:
     torch._dynamo.reset()
     names = ("critic_loss", "qsm_loss", "ddpm_sample")
     eager = {name: getattr(qsm, name) for name in names}
-    if "compile" in mode:  # what --compile does
+    if "--compile" in mode_flags(mode):  # what --compile does
         for name in names:
             setattr(qsm, name, torch.compile(eager[name]))
     try:
         torch.manual_seed(0)
-        args = qsm.Args(env_id=env_id, cuda=cuda, cudagraphs="cudagraphs" in mode, bf16="bf16" in mode)
+        args = mode_args(mode, env_id, cuda)
         device = torch.device("cuda" if cuda else "cpu")
         env = qsm.DMCEnv(env_id, seed=0)
         agent = qsm.build_agent(env.obs_dim, env.action_dim, args, device)
@@ -115,7 +132,7 @@ def pieces(env_id: str, mode: str, cuda: bool) -> tuple[float, float]:
             return qsm.train_step(agent, rb.gather(idx), args)
 
         def policy(obs):
-            return qsm.act(agent.denoiser, agent.schedule, obs, args)
+            return qsm.act(agent.denoiser, agent.critic, agent.schedule, obs, args)
 
         if args.cudagraphs:
             update_fn, policy = qsm.CudaGraph(update_fn), qsm.CudaGraph(policy)
@@ -143,7 +160,7 @@ def training(script: str, env_id: str, mode: str, opts) -> tuple[float, float, f
         cmd = [sys.executable, script, "--env-id", env_id, "--seed", "1", "--checkpoint-interval", "0"]
         cmd += ["--total-timesteps", str(LEARNING_STARTS + opts.steps), "--learning-starts", str(LEARNING_STARTS)]
         cmd += ["--eval-interval", str(10**9), "--cuda" if opts.cuda else "--no-cuda"]
-        cmd += [f"--{flag}" for flag in mode.split("+") if flag != "eager"]
+        cmd += mode_flags(mode)
         env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(opts.threads)}
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         stderr = proc.stderr.read()

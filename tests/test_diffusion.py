@@ -88,7 +88,7 @@ def test_sampler_and_loss_use_the_denoisers_own_forward(qsm):
     changed.load_state_dict(plain.state_dict())
     schedule = qsm.DiffusionSchedule("vp", 5)
     obs, x_T = torch.randn(16, 5), torch.randn(16, 3)
-    got = qsm.ddpm_sample(changed, schedule, obs, temperature=0.0, x_T=x_T, clip=True)
+    got = qsm.ddpm_sample(changed, schedule, obs, temperature=0.0, x_T=x_T, clip="x_t")
     torch.testing.assert_close(got, hand_written_chain(changed, schedule, obs, x_T), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, qsm.ddpm_sample(plain, schedule, obs, temperature=0.0, x_T=x_T))
     critic = qsm.TwinCritic(5, 3, (16,))
@@ -133,13 +133,51 @@ def test_sampler_at_temperature_zero_is_the_hand_written_chain(qsm, denoiser):
 
 
 def test_sampler_without_clipping_can_leave_the_box_only_before_the_last_clip(qsm, denoiser):
-    """clip_sampler=False skips the per-step clip; the returned action is still clipped once at the end."""
+    """--sampler-clip final skips the per-step clip; the returned action is still clipped once at the end."""
     schedule = qsm.DiffusionSchedule("vp", 5)
     obs, x_T = torch.randn(256, 5), 4 * torch.randn(256, 3)
-    clipped = qsm.ddpm_sample(denoiser, schedule, obs, temperature=0.0, clip=True, x_T=x_T)
-    free = qsm.ddpm_sample(denoiser, schedule, obs, temperature=0.0, clip=False, x_T=x_T)
+    clipped = qsm.ddpm_sample(denoiser, schedule, obs, temperature=0.0, clip="x_t", x_T=x_T)
+    free = qsm.ddpm_sample(denoiser, schedule, obs, temperature=0.0, clip="final", x_T=x_T)
     assert free.abs().max() <= 1
     assert not torch.equal(clipped, free)
+
+
+class ConstantNoise(torch.nn.Module):
+    """A denoiser that predicts the same noise c for every input: chains computable by hand."""
+
+    action_dim = 1
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+
+    def forward(self, obs, noisy_actions, t):
+        return torch.full_like(noisy_actions, self.c)
+
+
+def test_sampler_clipping_x0_hat_steps_to_the_posterior_mean_at_the_clipped_clean_action(qsm):
+    """--sampler-clip x0_hat, T = 2, eps_theta = c: x0_hat = clip((x_t - sqrt(1 - abar_t) c) / sqrt(abar_t)), then
+    x_{t-1} = (sqrt(abar_{t-1}) beta_t x0_hat + sqrt(alpha_t) (1 - abar_{t-1}) x_t) / (1 - abar_t); at t = 0: x0_hat."""
+    schedule, c = qsm.DiffusionSchedule("vp", 2), -0.4
+    (ab0, ab1), a1, b1 = schedule.alpha_bars, schedule.alphas[1], schedule.betas[1]
+    x_T = torch.tensor([[0.3], [2.0], [-0.5]])
+    x = x_T.double()
+    x0 = ((x - math.sqrt(1 - ab1) * c) / math.sqrt(ab1)).clamp(-1, 1)  # rows 0 and 1 clipped to +1
+    x = (math.sqrt(ab0) * b1 * x0 + math.sqrt(a1) * (1 - ab0) * x) / (1 - ab1)
+    expected = ((x - math.sqrt(1 - ab0) * c) / math.sqrt(ab0)).clamp(-1, 1)
+    got = qsm.ddpm_sample(ConstantNoise(c), schedule, torch.zeros(3, 1), temperature=0.0, clip="x0_hat", x_T=x_T)
+    torch.testing.assert_close(got, expected.float())
+    paper = qsm.ddpm_sample(ConstantNoise(c), schedule, torch.zeros(3, 1), temperature=0.0, clip="x_t", x_T=x_T)
+    assert not torch.allclose(got, paper)
+
+
+def test_sampler_clipping_x0_hat_is_the_papers_step_while_x0_hat_stays_in_the_box(qsm):
+    """Unclipped, the posterior mean at x0_hat equals (x_t - (1 - alpha_t) / sqrt(1 - abar_t) eps) / sqrt(alpha_t)."""
+    schedule, x_T = qsm.DiffusionSchedule("vp", 5), 0.01 * torch.randn(64, 1)
+    chains = [qsm.ddpm_sample(ConstantNoise(0.01), schedule, torch.zeros(64, 1), 0.0, clip, x_T) for clip in
+              ("x0_hat", "final")]  # fmt: skip
+    assert chains[0].abs().max() < 0.9
+    torch.testing.assert_close(*chains)
 
 
 def test_mish_equals_torch_mish_in_value_and_gradient(qsm):

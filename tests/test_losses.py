@@ -106,6 +106,51 @@ def test_qsm_loss_uses_the_forward_diffusion_of_replay_actions(qsm):
     assert all(p.grad is not None for p in den.parameters())
 
 
+def test_denoising_score_target_is_eps_minus_M_q_sigma_t_grad_Q(qsm):
+    """--score-target denoising: eps_theta(s, a_t, t) -> eps - M_q sqrt(1 - alpha_bar_t) grad_a Q(s, a_t), with the
+    loss's own draws (t, then eps) replayed."""
+    torch.manual_seed(0)
+    S, A, B = 4, 2, 32
+    den, critic, schedule = qsm.Denoiser(S, A, (16,), 5), QuadraticCritic(S, A), qsm.DiffusionSchedule("vp", 5)
+    batch = qsm.Batch(torch.randn(B, S), torch.rand(B, A) * 2 - 1, torch.zeros(B), torch.randn(B, S), torch.ones(B))
+    torch.manual_seed(7)
+    loss, q_term = qsm.qsm_loss(den, critic, schedule, batch, M_q=3.0, score_target="denoising")
+    torch.manual_seed(7)
+    t = torch.randint(0, 5, (B,))
+    eps = torch.randn(B, A)
+    ab = torch.tensor(schedule.alpha_bars, dtype=torch.float32)[t].unsqueeze(-1)
+    a_t = ab.sqrt() * batch.actions + (1 - ab).sqrt() * eps
+    target = eps + (1 - ab).sqrt() * 6.0 * (a_t - critic.best_action(batch.obs))  # -M_q grad_a Q = 6 (a_t - a*)
+    torch.testing.assert_close(loss, ((den(batch.obs, a_t, t) - target) ** 2).mean())
+    torch.testing.assert_close(q_term, 6.0 * (a_t - critic.best_action(batch.obs)))
+
+
+def test_normalized_q_grad_divides_by_its_batch_mean_norm_and_ignores_the_scale_of_Q(qsm):
+    critic, obs, actions = QuadraticCritic(4, 2), torch.randn(8, 4), torch.randn(8, 2)
+    grad = -2.0 * (actions - critic.best_action(obs))  # mean_i grad_a Q_i
+    target = qsm.qsm_target(critic, obs, actions, M_q=3.0, normalize=True)
+    torch.testing.assert_close(target, -3.0 * grad / grad.norm(dim=-1).mean())
+    scaled = qsm.qsm_target(lambda s, a: 10.0 * critic(s, a), obs, actions, M_q=3.0, normalize=True)
+    torch.testing.assert_close(scaled, target)
+
+
+def test_best_of_n_acts_with_the_highest_min_Q_of_n_samples_drawn_in_one_sampler_call(qsm):
+    torch.manual_seed(0)
+    S, A, N = 4, 2, 8
+    den, critic, schedule = qsm.Denoiser(S, A, (32,), 5), QuadraticCritic(S, A), qsm.DiffusionSchedule("vp", 5)
+    obs = torch.randn(3, S)
+    torch.manual_seed(1)
+    got = qsm.best_of_n(den, critic, schedule, obs, qsm.Args(best_of_n=N))
+    torch.manual_seed(1)
+    samples = qsm.ddpm_sample(den, schedule, obs.repeat_interleave(N, dim=0)).view(3, N, A)  # state j's in rows j
+    distance = (samples - critic.best_action(obs)[:, None]).norm(dim=-1)  # min_i Q_i = -1.5 distance^2
+    torch.testing.assert_close(got, samples[torch.arange(3), distance.argmin(dim=1)], rtol=0, atol=0)
+    torch.manual_seed(1)
+    one = qsm.best_of_n(den, critic, schedule, obs, qsm.Args(best_of_n=1))
+    torch.manual_seed(1)
+    torch.testing.assert_close(one, qsm.ddpm_sample(den, schedule, obs), rtol=0, atol=0)  # N = 1: the paper's
+
+
 def test_score_updates_move_sampled_actions_to_the_best_action(qsm):
     """A few hundred QSM steps against a fixed critic with a known argmax a*(s) pull the DDPM samples onto a*.
 
@@ -217,7 +262,7 @@ def test_bf16_update_tracks_float32(qsm):
         params = [p for module in (agent.critic, agent.denoiser) for p in module.parameters()]
         before = torch.cat([p.detach().flatten() for p in params])
         torch.manual_seed(3)
-        actions = qsm.act(agent.denoiser, agent.schedule, batch.obs[:8], args)
+        actions = qsm.act(agent.denoiser, agent.critic, agent.schedule, batch.obs[:8], args)
         torch.manual_seed(5)
         metrics = qsm.train_step(agent, batch, args)
         assert all(p.dtype == torch.float32 for p in params)

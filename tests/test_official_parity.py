@@ -90,9 +90,11 @@ def batch(qsm):
 
 def test_the_fixture_is_this_scripts_default_configuration(qsm):
     args = vars(qsm.Args())
-    for key in ("T", "M_q", "ddpm_temperature", "clip_sampler", "tau", "target_noise", "exploration_noise", "critic_lr",
-                "actor_lr", "actor_lr_decay_steps"):  # fmt: skip
+    for key in ("T", "M_q", "ddpm_temperature", "tau", "target_noise", "exploration_noise", "critic_lr", "actor_lr",
+                "actor_lr_decay_steps"):  # fmt: skip
         assert G[f"meta/{key}"] == args[key], key
+    assert G["meta/clip_sampler"] and args["sampler_clip"] == "x_t"  # the official code clips every x_t
+    assert (args["score_target"], args["normalize_q_grad"], args["best_of_n"]) == ("paper", False, 1)
     assert G["meta/discount"] == args["gamma"] and args["beta_schedule"] == "vp"
     assert int(G["meta/time_dim"]) == 64 and tuple(G["meta/cond_hidden_dims"]) == (128, 128)
 
@@ -180,11 +182,11 @@ def test_acting(qsm, agent, monkeypatch):
     agent, args = agent
     obs = torch.from_numpy(G["act/obs"])[None]
     draws = Draws(monkeypatch, *ACT_SAMPLE_DRAWS)
-    ddpm_action = qsm.ddpm_sample(agent.denoiser, agent.schedule, obs, args.ddpm_temperature, args.clip_sampler)
+    ddpm_action = qsm.ddpm_sample(agent.denoiser, agent.schedule, obs, args.ddpm_temperature, args.sampler_clip)
     draws.done()
     assert scale_error(ddpm_action[0], G["act/ddpm_action"]) < 5e-5
     draws = Draws(monkeypatch, *ACT_SAMPLE_DRAWS, "draws/act/noise/batched")
-    action = qsm.act(agent.denoiser, agent.schedule, obs, args)
+    action = qsm.act(agent.denoiser, agent.critic, agent.schedule, obs, args)
     draws.done()
     assert scale_error(action[0], G["act/action"]) < 5e-5
 

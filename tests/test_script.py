@@ -136,6 +136,18 @@ def test_same_seed_logs_identical_values(tmp_path):
     assert first["losses/qf1_loss"] != other["losses/qf1_loss"]
 
 
+def test_variants_train_save_and_evaluate_end_to_end(tmp_path):
+    """Every opt-in variant at once: real updates, finite losses, evaluations and --evaluate-model with best-of-N."""
+    variants = ["--score-target", "denoising", "--normalize-q-grad", "--sampler-clip", "x0_hat", "--best-of-n", "4"]
+    curves = _loss_curves(tmp_path, "1", [*variants, "--save-model"])
+    assert len(set(v for _, v in curves["losses/actor_loss"])) > 1
+    assert all(math.isfinite(v) for tag in curves for _, v in curves[tag])
+    assert [step for step, _ in curves["eval/episodic_return"]] == [1000]
+    model = only_run_dir(tmp_path) / "qsm_continuous.pt"
+    result = run_script(["--evaluate-model", str(model), "--eval-episodes", "1"], tmp_path, timeout=300)
+    assert result.returncode == 0 and "cartpole-swingup: eval return" in result.stdout, result.stderr[-3000:]
+
+
 def test_utd_ratio_performs_that_many_updates(tmp_path):
     args = ["--env-id", "cartpole-balance", "--total-timesteps", "700", "--learning-starts", "600", "--utd-ratio", "3"]
     result = run_script([*args, "--eval-interval", "100000", "--save-model", *SMALL], tmp_path)
@@ -174,6 +186,9 @@ def test_action_repeat_counts_environment_steps(tmp_path):
         (["--gamma", "1.5"], "--gamma must be in [0, 1], got 1.5"),
         (["--critic-lr", "inf"], "--critic-lr must be finite, got inf"),
         (["--buffer-size", "1000000000000"], "--buffer-size 1000000000000: the replay buffer needs 156462.2 GiB"),
+        (["--sampler-clip", "x0"], "--sampler-clip 'x0' is unknown; use one of: x_t, x0_hat, final"),
+        (["--score-target", "dsm"], "--score-target 'dsm' is unknown; use one of: paper, denoising"),
+        (["--best-of-n", "0"], "--best-of-n must be positive, got 0"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, args, expected):
