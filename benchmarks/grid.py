@@ -9,6 +9,8 @@ checkpoint, and submits it with sbatch; --dry-run prints the script or the comma
 summary: reads DIR/runs/*/ TensorBoard files and writes DIR/results.md, DIR/results.csv, DIR/curves.png (eval
 return vs environment steps, mean and min-max over seeds, with SAC and TD3 reference returns) and, per run,
 DIR/actions_{run}.png (the policy's action distribution at a fixed initial state at its last evaluation).
+A study: DIR holds one grid directory per variant (DIR/VARIANT/runs/), each trained with its own FLAGS; summary then
+compares them: DIR/study.md, study.csv, study_curves.png, and DIR/VARIANT/actions_{run}.png for every run.
 """
 
 import argparse
@@ -42,6 +44,10 @@ REFERENCES = {
     "humanoid-walk": {"SAC": (1, 2)},
 }
 SOURCES = "SAC: TD-MPC2's published result files (3 seeds); TD3: a public Spinning Up benchmark on DMC (8 seeds)"
+# At the study's step counts (the saturation issue): SAC at 100k (TD-MPC2's files), the best published at 100k/30k.
+EARLY_REFERENCES = {"cheetah-run": {"SAC @100k": 310, "MR.Q @100k": 648},
+                    "walker-walk": {"SAC @100k": 708, "BRO @100k": 967},
+                    "cartpole-swingup": {"MR.Q/BRO @25-30k": 414}}  # fmt: skip
 
 
 def fail(message):
@@ -166,6 +172,113 @@ def read_run(acc):
     return evals, sps
 
 
+def probe_saturation(acc):
+    """The share of the probe state's 1,000 sampled action components within 0.09 of +-1 (last evaluation): the
+    resolution of TensorBoard's histogram buckets there, (-1.009, -0.917] and (0.917, 1.009]."""
+    tags = [t for t in acc.Tags()["histograms"] if t.startswith("eval/action_dim_")]
+    if not tags:
+        return float("nan")
+    at_bound = total = 0.0
+    for tag in tags:
+        h = acc.Histograms(tag)[-1].histogram_value
+        lower = [h.min, *h.bucket_limit[:-1]]  # bucket i holds values in (lower_i, limit_i]
+        at_bound += sum(c for lo, hi, c in zip(lower, h.bucket_limit, h.bucket, strict=True) if hi < -0.9 or lo > 0.9)
+        total += h.num
+    return at_bound / total
+
+
+def variant_flags(command):
+    """A run log's first line, `$ python script --env-id E --seed S [--resume R] FLAGS  # cores`, as the flags that
+    tell the variants apart (the study's shared ones dropped)."""
+    tokens, flags = command.split("#")[0].split()[3:], []
+    while tokens:
+        token = tokens.pop(0)
+        if token in ("--env-id", "--seed", "--resume", "--total-timesteps", "--checkpoint-interval", "--eval-interval"):
+            tokens.pop(0)
+        elif token != "--compile":
+            flags.append(token)
+    return " ".join(flags) or "(the paper's defaults)"
+
+
+def summarize_study(out):
+    """DIR/VARIANT/runs/* for every variant: one table and one figure comparing the variants, task by task."""
+    rows, curves = [], {}
+    for variant_dir in sorted(d for d in glob.glob(os.path.join(out, "*")) if os.path.isdir(os.path.join(d, "runs"))):
+        variant = os.path.basename(variant_dir)
+        logs = sorted(glob.glob(os.path.join(variant_dir, "runs", "*.log")))
+        flags = variant_flags(open(logs[0]).readline()) if logs else ""
+        by_env = {}
+        for run_dir in sorted(glob.glob(os.path.join(variant_dir, "runs", "*__*__*__*"))):
+            if not os.path.isdir(run_dir):
+                continue
+            acc = load_run(run_dir)
+            evals, sps = read_run(acc)
+            if not evals:
+                continue
+            env_id, _, seed, _ = os.path.basename(run_dir).rsplit("__", 3)
+            tag = "charts/action_saturation"
+            sat = [e.value for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+            by_env.setdefault(env_id, []).append((int(seed), evals, sps, sat[-1] if sat else float("nan"), acc))
+            plot_actions(variant_dir, run_dir, acc)
+        for env_id, seeds in sorted(by_env.items()):
+            steps = min(evals[-1][0] for _, evals, *_ in seeds)
+            final = [dict(evals)[steps] for _, evals, *_ in seeds if steps in dict(evals)]
+            sps = [statistics.median(s[2]) for s in seeds if s[2]]
+            rows.append({"variant": variant, "env_id": env_id, "seeds": " ".join(str(s[0]) for s in sorted(seeds)),
+                         "steps": steps, "final_mean": mean_std(final)[0], "final_std": mean_std(final)[1],
+                         "saturation": statistics.fmean(s[3] for s in seeds),
+                         "probe_saturation": statistics.fmean(probe_saturation(s[4]) for s in seeds),
+                         "sps": statistics.median(sps) if sps else float("nan"), "flags": flags})  # fmt: skip
+            curves.setdefault(env_id, {})[variant] = [evals for _, evals, *_ in seeds]
+    if not rows:
+        fail(f"no runs with evaluations under {out}/*/runs/")
+    with open(os.path.join(out, "study.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| task | variant | seeds | steps | eval return | saturation (training) | probe state: near +-1 | "
+             "train steps/s |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in sorted(rows, key=lambda r: (r["env_id"], r["variant"])):
+        returns = f"{r['final_mean']:.1f} ± {r['final_std']:.1f}"
+        lines.append(f"| {r['env_id']} | {r['variant']} | {r['seeds']} | {r['steps']} | {returns} | "
+                     f"{r['saturation']:.0%} | {r['probe_saturation']:.0%} | {r['sps']:.1f} |")  # fmt: skip
+    lines += ["", "Eval return: mean ± std over seeds at the last step all seeds reached (5 episodes each).",
+              "Saturation (training): the share of action components at exactly -1 or +1 in the TD target's samples "
+              "at the last logged step. Probe state: the share near +-1 (|a| > 0.917, the histogram's resolution) "
+              "of 1,000 samples at the task's fixed initial state (the paper's Figure 4) at the last evaluation.",
+              "", "| variant | flags |", "|---|---|"]  # fmt: skip
+    lines += [f"| {v} | `{f}` |" for v, f in sorted({(r["variant"], r["flags"]) for r in rows})] + [""]
+    with open(os.path.join(out, "study.md"), "w") as f:
+        f.write("\n".join(lines))
+    plot_study(out, curves)
+    print("\n".join(lines))
+    print(f"wrote {out}/study.md, {out}/study.csv, {out}/study_curves.png and {out}/*/actions_*.png")
+
+
+def plot_study(out, curves):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.8), squeeze=False)
+    for ax, (env_id, variants) in zip(axes[0], sorted(curves.items()), strict=True):
+        for k, (variant, runs) in enumerate(sorted(variants.items())):
+            steps = sorted(set.intersection(*(set(s for s, _ in evals) for evals in runs)))
+            values = [[dict(evals)[s] for s in steps] for evals in runs]
+            mean = [statistics.fmean(v[i] for v in values) for i in range(len(steps))]
+            ax.plot(steps, mean, color=f"C{k}", label=f"{variant} ({len(runs)} seed(s))")
+            low, high = ([f(v[i] for v in values) for i in range(len(steps))] for f in (min, max))
+            ax.fill_between(steps, low, high, color=f"C{k}", alpha=0.15)
+        for j, (name, value) in enumerate(EARLY_REFERENCES.get(env_id, {}).items()):
+            ax.axhline(value, color="gray", linestyle=("--", ":")[j % 2], label=f"{name}: {value}")
+        ax.set(title=env_id, xlabel="environment steps", ylabel="eval return", ylim=(0, 1000))
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("QSM variants: mean and min-max over seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "study_curves.png"), dpi=120)
+
+
 def mean_std(values):
     return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
@@ -273,7 +386,10 @@ def plot(out, runs):
 def main(argv):
     opts = parse(argv)
     if opts.summary_only:
-        summarize(opts.summary_only)
+        study = not os.path.isdir(os.path.join(opts.summary_only, "runs"))
+        (summarize_study if study and glob.glob(os.path.join(opts.summary_only, "*", "runs")) else summarize)(
+            opts.summary_only
+        )
         sys.exit(0)
     valid = valid_env_ids()
     for env_id in opts.env_ids:

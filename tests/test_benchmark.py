@@ -55,6 +55,23 @@ def test_summary_of_synthetic_runs(tmp_path):
                         [("cheetah-run", 1), ("cheetah-run", 2), ("walker-walk", 1)]]  # fmt: skip
 
 
+def test_study_summary_compares_variant_directories(tmp_path):
+    """DIR/VARIANT/runs/: one row per variant and task, the variant's own flags, the probe state's share near +-1."""
+    for variant, final, flags in (("paper", 300.0, ""), ("best16", 500.0, " --best-of-n 16")):
+        for seed in (1, 2):
+            fake_run(tmp_path / variant, "cheetah-run", seed, [(1000, 100.0), (2000, final + seed)], [10.0])
+            log = tmp_path / variant / "runs" / f"cheetah-run__seed{seed}.log"
+            log.write_text(f"$ python q.py --env-id cheetah-run --seed {seed} --compile --total-timesteps 2000"
+                           f"{flags}  # cores [0]\n")  # fmt: skip
+    result = bench("summary", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (tmp_path / "study.md").read_text()
+    assert "| cheetah-run | best16 | 1 2 | 2000 | 501.5 ± 0.5 | nan% | 70% | 10.0 |" in table  # 700 of 1,000 at -1
+    assert "| best16 | `--best-of-n 16` |" in table and "| paper | `(the paper's defaults)` |" in table
+    assert (tmp_path / "study_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list(tmp_path.glob("*/actions_*.png"))) == 4  # beside each variant's runs
+
+
 def test_summary_without_runs_is_one_line(tmp_path):
     result = bench("summary", str(tmp_path))
     assert result.returncode == 1 and result.stderr == f"error: no runs with evaluations under {tmp_path}/runs/\n"
