@@ -9,9 +9,9 @@ script's flags joined by `+`, `name=value` for a flag with a value: e.g. compile
 `compile+best-of-n=16+sampler-clip=x0_hat`. Each mode gets a new, empty torch.compile
 cache: the time to the first update is a cold compilation. --repeats N measures every env x mode N times,
 round-robin (a machine whose speed drifts slows all alike), and prints medians, the range of the training steps/s,
-and each mode's training steps/s over eager's in the same round (median ratio). --scripts OLD.py NEW.py trains each
-script in every round, side by side (the pieces are timed for this repository's script only), and adds each
-script's ratio to the first one's in the same round: the way to compare two versions of the file.
+and each mode's training steps/s over the first mode's in the same round (median ratio). --scripts OLD.py NEW.py
+trains each script in every round, side by side (the pieces are timed for this repository's script only), and adds
+each script's ratio to the first one's in the same round: the way to compare two versions of the file.
 """
 
 import argparse
@@ -207,9 +207,9 @@ def main(argv=None) -> None:
 def print_table(runs: dict, opts, labels: dict) -> None:
     if opts.repeats > 1:
         print(f"each figure: the median of {opts.repeats} rounds; train steps/s also its range over the rounds")
-    vs_eager, first = "eager" in opts.modes, opts.scripts[0]
+    base, first = opts.modes[0], opts.scripts[0]  # the reference mode and script
     header = "| script | env | mode | train steps/s | updates/s | act steps/s | s to 1st update | peak RSS MiB |"
-    header += " vs eager |" if vs_eager else ""
+    header += f" vs {base} |"
     header += f" vs {labels[first]} |" if len(opts.scripts) > 1 else ""
     print("\n" + header + "\n|" + "---|" * (header.count("|") - 1))
     for (script, env_id, mode), rounds in runs.items():
@@ -218,7 +218,7 @@ def print_table(runs: dict, opts, labels: dict) -> None:
         row = f"| {labels[script]} | {env_id} | {mode} | {train:.1f}{spread} | {updates:.1f} | {acts:.0f} | "
         row += f"{first_update:.1f} | {rss:.0f} |"
         # each round's ratio to the reference in the same round, then the median: drift between rounds cancels
-        references = [runs[script, env_id, "eager"]] if vs_eager else []
+        references = [runs[script, env_id, base]]
         if len(opts.scripts) > 1:
             references.append(runs[first, env_id, mode])
         for reference in references:
