@@ -342,8 +342,10 @@ def plot_actions(out, run_dir, acc):
     for ax, tag in zip(axes[0], tags, strict=True):
         event = acc.Histograms(tag)[-1]
         h = event.histogram_value
-        # TensorBoard's buckets are uneven; re-bin them, each at its upper limit (clipped to the sample's range)
-        values = [min(max(limit, h.min), h.max) for limit in h.bucket_limit]
+        # TensorBoard's buckets (lower, limit] are uneven; re-bin them, each at its limit, the one holding the
+        # sample's minimum at the minimum (a bucket (-1.009, -0.917] of actions at -1 belongs at -1)
+        lower = [-math.inf, *h.bucket_limit[:-1]]
+        values = [h.min if lo < h.min <= hi else min(hi, h.max) for lo, hi in zip(lower, h.bucket_limit, strict=True)]
         ax.hist(values, bins=40, range=(-1.0, 1.0), weights=h.bucket)
         ax.set(title=f"action {tag[16:]}", xlim=(-1.05, 1.05), yticks=[])
     name = os.path.basename(run_dir)
