@@ -262,14 +262,15 @@ def plot_study(out, curves):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.8), squeeze=False)
+    colors = {v: f"C{k}" for k, v in enumerate(sorted({v for variants in curves.values() for v in variants}))}
     for ax, (env_id, variants) in zip(axes[0], sorted(curves.items()), strict=True):
-        for k, (variant, runs) in enumerate(sorted(variants.items())):
+        for variant, runs in sorted(variants.items()):
             steps = sorted(set.intersection(*(set(s for s, _ in evals) for evals in runs)))
             values = [[dict(evals)[s] for s in steps] for evals in runs]
             mean = [statistics.fmean(v[i] for v in values) for i in range(len(steps))]
-            ax.plot(steps, mean, color=f"C{k}", label=f"{variant} ({len(runs)} seed(s))")
+            ax.plot(steps, mean, color=colors[variant], label=f"{variant} ({len(runs)} seed(s))")
             low, high = ([f(v[i] for v in values) for i in range(len(steps))] for f in (min, max))
-            ax.fill_between(steps, low, high, color=f"C{k}", alpha=0.15)
+            ax.fill_between(steps, low, high, color=colors[variant], alpha=0.15)
         for j, (name, value) in enumerate(EARLY_REFERENCES.get(env_id, {}).items()):
             ax.axhline(value, color="gray", linestyle=("--", ":")[j % 2], label=f"{name}: {value}")
         ax.set(title=env_id, xlabel="environment steps", ylabel="eval return", ylim=(0, 1000))
