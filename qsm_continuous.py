@@ -554,6 +554,8 @@ def load_checkpoint(path: str, flag: str) -> tuple[str, dict]:
     file = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
     try:  # weights_only: loading runs no pickled code
         state = torch.load(file, map_location="cpu", weights_only=True)
+        if "clip_sampler" in state["args"]:  # a file from before --sampler-clip replaced the boolean --clip-sampler
+            state["args"]["sampler_clip"] = "x_t" if state["args"].pop("clip_sampler") else "final"
         return file, state | {"args": Args(**state["args"])}
     except Exception as error:  # missing, truncated, corrupt or not one of this script's files
         fail(f"{flag} {path}: no readable checkpoint or --save-model file at {file} ({type(error).__name__})")
