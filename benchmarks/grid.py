@@ -232,10 +232,7 @@ def summarize_study(out):
             curves.setdefault(env_id, {})[variant] = [evals for _, evals, *_ in seeds]
     if not rows:
         fail(f"no runs with evaluations under {out}/*/runs/")
-    with open(os.path.join(out, "study.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(os.path.join(out, "study.csv"), rows)
     lines = ["| task | variant | seeds | steps | eval return | saturation (training) | probe state: near +-1 | "
              "train steps/s |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in sorted(rows, key=lambda r: (r["env_id"], r["variant"])):
@@ -265,12 +262,7 @@ def plot_study(out, curves):
     colors = {v: f"C{k}" for k, v in enumerate(sorted({v for variants in curves.values() for v in variants}))}
     for ax, (env_id, variants) in zip(axes[0], sorted(curves.items()), strict=True):
         for variant, runs in sorted(variants.items()):
-            steps = sorted(set.intersection(*(set(s for s, _ in evals) for evals in runs)))
-            values = [[dict(evals)[s] for s in steps] for evals in runs]
-            mean = [statistics.fmean(v[i] for v in values) for i in range(len(steps))]
-            ax.plot(steps, mean, color=colors[variant], label=f"{variant} ({len(runs)} seed(s))")
-            low, high = ([f(v[i] for v in values) for i in range(len(steps))] for f in (min, max))
-            ax.fill_between(steps, low, high, color=colors[variant], alpha=0.15)
+            plot_seeds(ax, runs, colors[variant], f"{variant} ({len(runs)} seed(s))", alpha=0.15)
         for j, (name, value) in enumerate(EARLY_REFERENCES.get(env_id, {}).items()):
             ax.axhline(value, color="gray", linestyle=("--", ":")[j % 2], label=f"{name}: {value}")
         ax.set(title=env_id, xlabel="environment steps", ylabel="eval return", ylim=(0, 1000))
@@ -308,10 +300,7 @@ def summarize(out):
             "steps": min(evals[-1][0] for evals, _ in seeds.values()),
             "sps": statistics.median(sps) if sps else float("nan"),
         })  # fmt: skip
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(os.path.join(out, "results.csv"), rows)
     lines = ["| task | seeds | steps | final eval return | best eval return | train steps/s | SAC 500k / 1M "
              "| TD3 500k / 1M |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
@@ -358,6 +347,22 @@ def plot_actions(out, run_dir, acc):
     return path
 
 
+def plot_seeds(ax, runs, color, label, alpha):
+    """Eval return over the steps every seed evaluated: the mean, and the min-max band over seeds."""
+    steps = sorted(set.intersection(*(set(s for s, _ in evals) for evals in runs)))
+    values = [[dict(evals)[s] for s in steps] for evals in runs]
+    ax.plot(steps, [statistics.fmean(v[i] for v in values) for i in range(len(steps))], color=color, label=label)
+    low, high = ([f(v[i] for v in values) for i in range(len(steps))] for f in (min, max))
+    ax.fill_between(steps, low, high, color=color, alpha=alpha)
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def plot(out, runs):
     import matplotlib
 
@@ -368,12 +373,7 @@ def plot(out, runs):
     cols = min(n, 3)
     fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(5 * cols, 3.6 * math.ceil(n / cols)), squeeze=False)
     for ax, (env_id, seeds) in zip(axes.flat, sorted(runs.items()), strict=False):
-        steps = sorted(set.intersection(*(set(s for s, _ in evals) for evals, _ in seeds.values())))
-        curves = [[dict(evals)[s] for s in steps] for evals, _ in seeds.values()]
-        mean = [statistics.fmean(c[i] for c in curves) for i in range(len(steps))]
-        ax.plot(steps, mean, color="C0", label=f"QSM (this code), {len(seeds)} seed(s)")
-        ax.fill_between(steps, [min(c[i] for c in curves) for i in range(len(steps))],
-                        [max(c[i] for c in curves) for i in range(len(steps))], color="C0", alpha=0.25)  # fmt: skip
+        plot_seeds(ax, [evals for evals, _ in seeds.values()], "C0", f"QSM (this code), {len(seeds)} seed(s)", 0.25)
         for k, (name, (at500k, at1m)) in enumerate(REFERENCES.get(env_id, {}).items()):
             ax.axhline(at500k, color=f"C{k + 1}", linestyle="--", label=f"{name} @500k: {at500k}")
             ax.axhline(at1m, color=f"C{k + 1}", linestyle=":", label=f"{name} @1M: {at1m}")
