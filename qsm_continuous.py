@@ -440,12 +440,12 @@ def update_critic(agent: Agent, batch: Batch, args: Args) -> dict:
 
 def update_actor(agent: Agent, batch: Batch, args: Args) -> dict:
     """One QSM step on the denoiser against the critics just updated. Returns detached metrics (no syncs)."""
-    loss, target = qsm_loss(agent.denoiser, agent.critic, agent.schedule, batch, args.M_q, args.score_target,
+    loss, q_term = qsm_loss(agent.denoiser, agent.critic, agent.schedule, batch, args.M_q, args.score_target,
                             args.normalize_q_grad)  # fmt: skip
     agent.actor_optimizer.zero_grad(set_to_none=True)
     loss.backward()
     agent.actor_optimizer.step()
-    return {"losses/actor_loss": loss.detach(), "losses/q_grad_norm": target.norm(dim=-1).mean() / args.M_q}
+    return {"losses/actor_loss": loss.detach(), "losses/q_grad_norm": q_term.norm(dim=-1).mean() / args.M_q}
 
 
 def train_step(agent: Agent, batch: Batch, args: Args) -> dict:
