@@ -54,6 +54,24 @@ def test_compiled_updates_match_eager(qsm, monkeypatch):
             torch.testing.assert_close(m_c[key], m_e[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+@pytest.mark.parametrize("score_target", ["paper", "denoising"])
+def test_compiled_losses_and_sampler_are_one_graph_each(qsm, score_target):
+    """No graph breaks: grad_a Q (torch.func.grad) is traced into the QSM loss's graph, not split around it."""
+    torch._dynamo.reset()
+    agent, args = _agent(qsm)
+    args.score_target, args.normalize_q_grad, args.sampler_clip = score_target, True, "x0_hat"
+    obs, actions = torch.randn(32, 5), torch.rand(32, 2) * 2 - 1
+    batch = qsm.Batch(obs, actions, torch.randn(32), torch.randn(32, 5), torch.ones(32))
+    calls = {
+        "critic_loss": (agent.critic, agent.critic_target, agent.denoiser, agent.schedule, batch, args),
+        "qsm_loss": (agent.denoiser, agent.critic, agent.schedule, batch, 3.0, score_target, True),
+        "ddpm_sample": (agent.denoiser, agent.schedule, obs, 1.0, "x0_hat"),
+    }
+    for name, call in calls.items():
+        explanation = torch._dynamo.explain(getattr(qsm, name))(*call)
+        assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), (name, explanation.break_reasons)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sampler_on_cuda_matches_cpu(qsm):
     torch.manual_seed(0)
