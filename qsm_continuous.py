@@ -98,8 +98,7 @@ class Args:
     """the denoiser's target: `paper` -M_q grad_a Q(s, a_t); `denoising` eps - M_q sigma_t grad_a Q(s, a_t) with
     sigma_t = sqrt(1 - alpha_bar_t): DDPM's noise target on the replay actions, guided by Q"""
     normalize_q_grad: bool = False
-    """divide grad_a Q by its batch-mean RMS per action component: M_q is then the guidance in units of the noise
-    (eps ~ N(0, I) per component), whatever the scale of Q and the number of action dimensions"""
+    """divide grad_a Q by its batch-mean norm in the target: M_q then sets the target's scale, whatever Q's scale"""
     best_of_n: int = 1
     """act and evaluate with the best by min_i Q_i(s, a) of this many DDPM samples per state (1: one, the paper)"""
     exploration_noise: float = 0.1
@@ -374,12 +373,11 @@ def critic_loss(critic, critic_target, denoiser, schedule, batch: Batch, args: A
 
 def qsm_target(critic, obs: torch.Tensor, noisy_actions: torch.Tensor, M_q: float, normalize: bool = False):
     """-M_q * grad_a Q(s, a_t), Q the mean of the critics, by autograd on the critic's own forward: (B, A).
-    normalize (--normalize-q-grad): grad_a Q divided by its batch-mean norm / sqrt(A), its RMS per component."""
+    normalize (--normalize-q-grad): grad_a Q divided by its batch-mean norm, so M_q alone sets the scale."""
     with torch.no_grad():  # a constant target: no gradient reaches the critics (torch.func.grad still differentiates)
         # Q(s_j, a_j) depends on a_j alone, so the gradient of the batch sum holds each sample's own grad_a Q
         grad = torch.func.grad(lambda a: critic(obs, a).mean(dim=0).sum())(noisy_actions)
-        rms = grad.norm(dim=-1).mean() / grad.shape[-1] ** 0.5  # per component, as the noise's unit variance
-        return -M_q * (grad / rms.clamp_min(1e-8) if normalize else grad)
+        return -M_q * (grad / grad.norm(dim=-1).mean().clamp_min(1e-8) if normalize else grad)
 
 
 def qsm_loss(denoiser, critic, schedule, batch: Batch, M_q: float, score_target: str = "paper",

@@ -10,7 +10,8 @@ summary: reads DIR/runs/*/ TensorBoard files and writes DIR/results.md, DIR/resu
 return vs environment steps, mean and min-max over seeds, with SAC and TD3 reference returns) and, per run,
 DIR/actions_{run}.png (the policy's action distribution at a fixed initial state at its last evaluation).
 A study: DIR holds one grid directory per variant (DIR/VARIANT/runs/), each trained with its own FLAGS; summary then
-compares them: DIR/study.md, study.csv, study_curves.png, and DIR/VARIANT/actions_{run}.png for every run.
+compares them: DIR/study.md, study.csv, study_curves.png, and DIR/VARIANT/actions_{run}.png for every run. A variant's
+flags are read from its first run log, or from DIR/VARIANT/flags.txt where the script changed since its runs.
 """
 
 import argparse
@@ -207,6 +208,8 @@ def summarize_study(out):
         variant = os.path.basename(variant_dir)
         logs = sorted(glob.glob(os.path.join(variant_dir, "runs", "*.log")))
         flags = variant_flags(open(logs[0]).readline()) if logs else ""
+        if os.path.exists(os.path.join(variant_dir, "flags.txt")):  # flags in today's terms: the code changed since
+            flags = open(os.path.join(variant_dir, "flags.txt")).read().strip()
         by_env = {}
         for run_dir in sorted(glob.glob(os.path.join(variant_dir, "runs", "*__*__*__*"))):
             if not os.path.isdir(run_dir):

@@ -63,13 +63,16 @@ def test_study_summary_compares_variant_directories(tmp_path):
             log = tmp_path / variant / "runs" / f"cheetah-run__seed{seed}.log"
             log.write_text(f"$ python q.py --env-id cheetah-run --seed {seed} --compile --total-timesteps 2000"
                            f"{flags}  # cores [0]\n")  # fmt: skip
+    fake_run(tmp_path / "older", "cheetah-run", 1, [(2000, 400.0)], [10.0])  # a run of code that changed since:
+    (tmp_path / "older" / "flags.txt").write_text("--M-q 7.35\n")  # flags.txt names its flags in today's terms
     result = bench("summary", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     table = (tmp_path / "study.md").read_text()
     assert "| cheetah-run | best16 | 1 2 | 2000 | 501.5 ± 0.5 | nan% | 70% | 10.0 |" in table  # 700 of 1,000 at -1
     assert "| best16 | `--best-of-n 16` |" in table and "| paper | `(the paper's defaults)` |" in table
+    assert "| older | `--M-q 7.35` |" in table
     assert (tmp_path / "study_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(list(tmp_path.glob("*/actions_*.png"))) == 4  # beside each variant's runs
+    assert len(list(tmp_path.glob("*/actions_*.png"))) == 5  # beside each variant's runs
 
 
 def test_summary_without_runs_is_one_line(tmp_path):
