@@ -207,9 +207,11 @@ def summarize_study(out):
     for variant_dir in sorted(d for d in glob.glob(os.path.join(out, "*")) if os.path.isdir(os.path.join(d, "runs"))):
         variant = os.path.basename(variant_dir)
         logs = sorted(glob.glob(os.path.join(variant_dir, "runs", "*.log")))
-        flags = variant_flags(open(logs[0]).readline()) if logs else ""
-        if os.path.exists(os.path.join(variant_dir, "flags.txt")):  # flags in today's terms: the code changed since
-            flags = open(os.path.join(variant_dir, "flags.txt")).read().strip()
+        flags_file = os.path.join(variant_dir, "flags.txt")  # flags in today's terms, where the code changed since
+        if os.path.exists(flags_file):
+            flags = open(flags_file).read().strip()
+        else:
+            flags = variant_flags(open(logs[0]).readline()) if logs else ""
         by_env = {}
         for run_dir in sorted(glob.glob(os.path.join(variant_dir, "runs", "*__*__*__*"))):
             if not os.path.isdir(run_dir):
