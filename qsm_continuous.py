@@ -90,13 +90,11 @@ class Args:
     ddpm_temperature: float = 1.0
     """scale of the noise injected at every reverse step of the sampler (0: deterministic chain)"""
     sampler_clip: str = "x_t"
-    """where the sampler clips to [-1, 1]: `x_t` after every reverse step (the paper), `x0_hat` the predicted clean
-    action inside every step (DDPM's clip_denoised), `final` only the returned action"""
+    """where the sampler clips to [-1, 1]: `x_t` every step (the paper), `x0_hat` the predicted clean action, `final`"""
     M_q: float = 50.0
     """the QSM scale alpha: the denoiser regresses onto -M_q * grad_a Q"""
     score_target: str = "paper"
-    """the denoiser's target: `paper` -M_q grad_a Q(s, a_t); `denoising` eps - M_q sigma_t grad_a Q(s, a_t) with
-    sigma_t = sqrt(1 - alpha_bar_t): DDPM's noise target on the replay actions, guided by Q"""
+    """the denoiser's target: `paper` -M_q grad_a Q(s, a_t), `denoising` eps - M_q sqrt(1 - alpha_bar_t) grad_a Q"""
     normalize_q_grad: bool = False
     """divide grad_a Q by its batch-mean norm in the target: M_q then sets the target's scale, whatever Q's scale"""
     best_of_n: int = 1
@@ -236,7 +234,7 @@ class Denoiser(nn.Module):
         state_share, time_share = F.linear(obs, W_s), F.linear(cond, W_c, self.mlp[0].bias)  # (B, H), (T, H)
 
         def eps_theta(noisy_actions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x = mish(F.linear(noisy_actions, W_a) + state_share + time_share[t])  # each sample takes its step's row
+            x = mish(F.linear(noisy_actions, W_a) + state_share + F.embedding(t, time_share))  # row t; fast backward
             for layer in self.mlp[1:]:
                 x = mish(layer(x))
             return self.out(x)
@@ -292,22 +290,22 @@ def ddpm_sample(denoiser, schedule: DiffusionSchedule, obs: torch.Tensor, temper
         return x.clamp(-1.0, 1.0)
 
 
-def best_of_n(denoiser, critic, schedule: DiffusionSchedule, obs: torch.Tensor, args: Args) -> torch.Tensor:
+def best_of_n(agent: "Agent", obs: torch.Tensor, args: Args) -> torch.Tensor:
     """The policy: of N = best_of_n DDPM samples per state, drawn in one sampler call, the one with the highest
     min_i Q_i(s, a); N = 1 is the paper's single sample. (B, S) -> (B, A)."""
     n = args.best_of_n
     obs_n = obs.repeat_interleave(n, dim=0)  # (B N, S): sample k of state j in row j N + k
-    actions = ddpm_sample(denoiser, schedule, obs_n, args.ddpm_temperature, args.sampler_clip)
+    actions = ddpm_sample(agent.denoiser, agent.schedule, obs_n, args.ddpm_temperature, args.sampler_clip)
     if n == 1:
         return actions
     with torch.no_grad():
-        q = critic(obs_n, actions).min(dim=0).values.view(-1, n, 1)  # (B, N, 1)
+        q = agent.critic(obs_n, actions).min(dim=0).values.view(-1, n, 1)  # (B, N, 1)
     return actions.view(-1, n, actions.shape[-1]).take_along_dim(q.argmax(dim=1, keepdim=True), dim=1)[:, 0]
 
 
-def act(denoiser, critic, schedule: DiffusionSchedule, obs: torch.Tensor, args: Args) -> torch.Tensor:
+def act(agent: "Agent", obs: torch.Tensor, args: Args) -> torch.Tensor:
     """The behaviour policy: a = clip(policy(s) + N(0, exploration_noise^2), -1, 1). Float32 also under --bf16."""
-    a = best_of_n(denoiser, critic, schedule, obs, args)
+    a = best_of_n(agent, obs, args)
     return (a + args.exploration_noise * torch.randn_like(a)).clamp(-1.0, 1.0)
 
 
@@ -455,7 +453,7 @@ def train_step(agent: Agent, batch: Batch, args: Args) -> dict:
 
 
 # TRY NOT TO MODIFY: evaluation, speed, checkpoints, argument checks
-def evaluate(envs: list[DMCEnv], denoiser, critic, schedule, args: Args, device, video: str | None = None):
+def evaluate(envs: list[DMCEnv], agent: Agent, args: Args, device, video: str | None = None) -> np.ndarray:
     """One episode per env, side by side, no exploration noise; env i reseeded with seed + 10000 + i every time."""
     for i, env in enumerate(envs):
         env.env.task.random.seed(args.seed + 10_000 + i)
@@ -465,7 +463,7 @@ def evaluate(envs: list[DMCEnv], denoiser, critic, schedule, args: Args, device,
         if video and running[0]:  # film the first episode
             frames.append(envs[0].env.physics.render(height=240, width=320, camera_id=0))
         obs_t = torch.as_tensor(obs[running], device=device)
-        actions = best_of_n(denoiser, critic, schedule, obs_t, args).cpu().numpy()
+        actions = best_of_n(agent, obs_t, args).cpu().numpy()
         for action, i in zip(actions, np.flatnonzero(running), strict=True):
             obs[i], reward, _, done = envs[i].step(action)
             returns[i] += reward
@@ -554,8 +552,6 @@ def load_checkpoint(path: str, flag: str) -> tuple[str, dict]:
     file = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
     try:  # weights_only: loading runs no pickled code
         state = torch.load(file, map_location="cpu", weights_only=True)
-        if "clip_sampler" in state["args"]:  # a file from before --sampler-clip replaced the boolean --clip-sampler
-            state["args"]["sampler_clip"] = "x_t" if state["args"].pop("clip_sampler") else "final"
         return file, state | {"args": Args(**state["args"])}
     except Exception as error:  # missing, truncated, corrupt or not one of this script's files
         fail(f"{flag} {path}: no readable checkpoint or --save-model file at {file} ({type(error).__name__})")
@@ -663,12 +659,12 @@ def evaluate_model(args: Args) -> None:
     agent.denoiser.load_state_dict(state["denoiser"])
     agent.critic.load_state_dict(state["critic"])  # --best-of-n ranks the samples by Q
     video = f"videos/{os.path.basename(os.path.dirname(os.path.abspath(file)))}/evaluate.mp4"
+    video = video if args.capture_video else None
     torch.manual_seed(args.seed)
-    returns = evaluate(envs, agent.denoiser, agent.critic, agent.schedule, args, device,
-                       video if args.capture_video else None)  # fmt: skip
+    returns = evaluate(envs, agent, args, device, video)
     print(f"{args.env_id}: eval return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes "
           f"({', '.join(f'{r:.1f}' for r in returns)})")  # fmt: skip
-    if args.capture_video:
+    if video:
         print(f"video: {video}")
 
 
@@ -688,9 +684,9 @@ def start_wandb(args: Args, run_name: str, wandb_id: str | None) -> None:
 def evaluate_and_log(agent: Agent, args: Args, eval_envs, probe_obs, writer, step: int) -> float:
     """Logs eval returns, the probe state's actions (paper, Fig. 4), a video; returns its seconds. RNGs forked."""
     start, video = time.time(), f"videos/{os.path.basename(os.path.abspath(writer.log_dir))}/step_{step}.mp4"
+    video = video if args.capture_video else None
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if probe_obs.is_cuda else []):
-        returns = evaluate(eval_envs, agent.denoiser, agent.critic, agent.schedule, args, probe_obs.device,
-                           video if args.capture_video else None)  # fmt: skip
+        returns = evaluate(eval_envs, agent, args, probe_obs.device, video)
         probe = ddpm_sample(agent.denoiser, agent.schedule, probe_obs.expand(1000, -1), args.ddpm_temperature,
                             args.sampler_clip).cpu()  # fmt: skip
     writer.add_scalar("eval/episodic_return", returns.mean(), step)
@@ -698,7 +694,7 @@ def evaluate_and_log(agent: Agent, args: Args, eval_envs, probe_obs, writer, ste
     for dim in range(probe.shape[1]):
         writer.add_histogram(f"eval/action_dim_{dim}", probe[:, dim], step)
     tqdm.write(f"step {step}: eval return {returns.mean():.1f} +- {returns.std():.1f}")
-    if args.capture_video and args.track:
+    if video and args.track:
         wandb.log({"videos/eval": wandb.Video(video, format="mp4")})
     return time.time() - start
 
@@ -760,7 +756,7 @@ if __name__ == "__main__":
     def update(idx: torch.Tensor) -> dict:  # gathers its own batch: a CUDA graph replays the gather too
         return train_step(agent, rb.gather(idx), args)
 
-    policy = functools.partial(act, agent.denoiser, agent.critic, agent.schedule, args=args)
+    policy = functools.partial(act, agent, args=args)
     if args.cudagraphs:
         update, policy = CudaGraph(update), CudaGraph(policy)
 

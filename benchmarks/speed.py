@@ -132,7 +132,7 @@ def pieces(env_id: str, mode: str, cuda: bool) -> tuple[float, float]:
             return qsm.train_step(agent, rb.gather(idx), args)
 
         def policy(obs):
-            return qsm.act(agent.denoiser, agent.critic, agent.schedule, obs, args)
+            return qsm.act(agent, obs, args)
 
         if args.cudagraphs:
             update_fn, policy = qsm.CudaGraph(update_fn), qsm.CudaGraph(policy)

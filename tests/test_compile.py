@@ -93,7 +93,7 @@ def _graph_run(qsm, rb, indices, graphed: bool):
         return qsm.train_step(agent, rb.gather(idx), args)
 
     def policy(obs):
-        return qsm.act(agent.denoiser, agent.critic, agent.schedule, obs, args)
+        return qsm.act(agent, obs, args)
 
     if graphed:
         update, policy = qsm.CudaGraph(update), qsm.CudaGraph(policy)

@@ -1,5 +1,7 @@
 """The critic's action gradient, the QSM target and loss, the TD target and the two updates."""
 
+import types
+
 import pytest
 import torch
 
@@ -37,10 +39,17 @@ class ELULayerNormCritic(torch.nn.Module):
         return torch.stack([net(torch.cat([obs, actions], -1)).squeeze(-1) for net in self.nets])
 
 
-@pytest.mark.parametrize("make", ["twin", "twin-3-critics", "twin-elu", "elu-layernorm"])
-def test_qsm_target_is_autograd_of_any_critic(qsm, make, monkeypatch):
+@pytest.mark.parametrize(
+    ("make", "compiled"),
+    [("twin", False), ("twin-3-critics", False), ("twin-elu", False), ("elu-layernorm", False),
+     ("twin-elu", True), ("elu-layernorm", True)],
+)  # fmt: skip
+def test_qsm_target_is_autograd_of_any_critic(qsm, make, compiled, monkeypatch):
     """Whatever the critic (another activation, LayerNorm, more critics), the target is exactly -M_q * mean_i grad_a Q_i
-    computed by autograd on that critic's own forward: no other edit needed."""
+    computed by autograd on that critic's own forward: no other edit needed, eager or compiled (one graph)."""
+    torch._dynamo.reset()
+    if compiled:
+        monkeypatch.setattr(qsm, "qsm_target", torch.compile(qsm.qsm_target, fullgraph=True))
     torch.manual_seed(0)
     S, A, B = 5, 3, 40
     if make == "elu-layernorm":
@@ -59,6 +68,7 @@ def test_qsm_target_is_autograd_of_any_critic(qsm, make, monkeypatch):
     assert not target.requires_grad  # no gradient may reach the critic from the score update
     if make == "twin-elu":  # the activation really changed: ReLU's gradient differs
         monkeypatch.undo()
+        torch._dynamo.reset()
         assert not torch.allclose(qsm.qsm_target(critic, obs, actions, M_q=50.0), expected)
 
 
@@ -138,15 +148,16 @@ def test_best_of_n_acts_with_the_highest_min_Q_of_n_samples_drawn_in_one_sampler
     torch.manual_seed(0)
     S, A, N = 4, 2, 8
     den, critic, schedule = qsm.Denoiser(S, A, (32,), 5), QuadraticCritic(S, A), qsm.DiffusionSchedule("vp", 5)
+    agent = types.SimpleNamespace(denoiser=den, critic=critic, schedule=schedule)  # the fields best_of_n reads
     obs = torch.randn(3, S)
     torch.manual_seed(1)
-    got = qsm.best_of_n(den, critic, schedule, obs, qsm.Args(best_of_n=N))
+    got = qsm.best_of_n(agent, obs, qsm.Args(best_of_n=N))
     torch.manual_seed(1)
     samples = qsm.ddpm_sample(den, schedule, obs.repeat_interleave(N, dim=0)).view(3, N, A)  # state j's in rows j
     distance = (samples - critic.best_action(obs)[:, None]).norm(dim=-1)  # min_i Q_i = -1.5 distance^2
     torch.testing.assert_close(got, samples[torch.arange(3), distance.argmin(dim=1)], rtol=0, atol=0)
     torch.manual_seed(1)
-    one = qsm.best_of_n(den, critic, schedule, obs, qsm.Args(best_of_n=1))
+    one = qsm.best_of_n(agent, obs, qsm.Args(best_of_n=1))
     torch.manual_seed(1)
     torch.testing.assert_close(one, qsm.ddpm_sample(den, schedule, obs), rtol=0, atol=0)  # N = 1: the paper's
 
@@ -262,7 +273,7 @@ def test_bf16_update_tracks_float32(qsm):
         params = [p for module in (agent.critic, agent.denoiser) for p in module.parameters()]
         before = torch.cat([p.detach().flatten() for p in params])
         torch.manual_seed(3)
-        actions = qsm.act(agent.denoiser, agent.critic, agent.schedule, batch.obs[:8], args)
+        actions = qsm.act(agent, batch.obs[:8], args)
         torch.manual_seed(5)
         metrics = qsm.train_step(agent, batch, args)
         assert all(p.dtype == torch.float32 for p in params)

@@ -186,7 +186,7 @@ def test_acting(qsm, agent, monkeypatch):
     draws.done()
     assert scale_error(ddpm_action[0], G["act/ddpm_action"]) < 5e-5
     draws = Draws(monkeypatch, *ACT_SAMPLE_DRAWS, "draws/act/noise/batched")
-    action = qsm.act(agent.denoiser, agent.critic, agent.schedule, obs, args)
+    action = qsm.act(agent, obs, args)
     draws.done()
     assert scale_error(action[0], G["act/action"]) < 5e-5
 

@@ -260,14 +260,3 @@ def test_evaluate_model_rejects_a_non_model(tmp_path):
         f"error: --evaluate-model {tmp_path}/junk.pt: no readable checkpoint or --save-model file at {tmp_path}/junk.pt"
     )
     assert result.stderr.count("\n") == 1
-
-
-@pytest.mark.parametrize(("old", "new"), [(True, "x_t"), (False, "final")])
-def test_files_from_before_sampler_clip_still_load(qsm, tmp_path, old, new):
-    """Checkpoints saved with the boolean --clip-sampler load with the equivalent --sampler-clip."""
-    import dataclasses
-
-    saved = {k: v for k, v in dataclasses.asdict(qsm.Args()).items() if k != "sampler_clip"} | {"clip_sampler": old}
-    torch.save({"args": saved}, tmp_path / "old.pt")
-    _, state = qsm.load_checkpoint(str(tmp_path / "old.pt"), "--resume")
-    assert state["args"].sampler_clip == new
