@@ -24,10 +24,16 @@ def _modules(agent):
     return [agent.critic, agent.critic_target, agent.denoiser]
 
 
-def test_compiled_updates_match_eager(qsm, monkeypatch):
+@pytest.fixture
+def fallback_random():
+    """The compiled graphs draw their random numbers with eager's generator, in eager's order. Through the config's own
+    patch: monkeypatch's undo deletes the option, and every later compilation in the process then fails."""
+    with torch._inductor.config.patch(fallback_random=True):
+        yield
+
+
+def test_compiled_updates_match_eager(qsm, monkeypatch, fallback_random):
     torch._dynamo.reset()
-    # the compiled graphs draw their random numbers with eager's generator, in eager's order
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     g = torch.Generator().manual_seed(1)
     batches = [
         qsm.Batch(torch.randn(32, 5, generator=g), torch.rand(32, 2, generator=g) * 2 - 1, torch.randn(32, generator=g),
@@ -110,7 +116,7 @@ def _graph_run(qsm, rb, indices, graphed: bool):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("compiled", [False, True], ids=["cudagraphs", "compile+cudagraphs"])
-def test_cudagraph_updates_match_eager_on_cuda(qsm, monkeypatch, compiled):
+def test_cudagraph_updates_match_eager_on_cuda(qsm, monkeypatch, compiled, fallback_random):
     """The replayed graphs must train exactly as eager does: same parameters, metrics, actions and learning rates."""
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(1)
@@ -122,7 +128,6 @@ def test_cudagraph_updates_match_eager_on_cuda(qsm, monkeypatch, compiled):
     indices = [torch.randint(0, 100, (32,), generator=g).cuda() for _ in range(6)]
     eager_modules, eager_outputs = _graph_run(qsm, rb, indices, graphed=False)
     if compiled:
-        monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
         for name in ("critic_loss", "qsm_loss", "ddpm_sample"):  # what --compile does
             monkeypatch.setattr(qsm, name, torch.compile(getattr(qsm, name)))
     graph_modules, graph_outputs = _graph_run(qsm, rb, indices, graphed=True)
