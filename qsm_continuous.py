@@ -658,8 +658,8 @@ def evaluate_model(args: Args) -> None:
     agent = build_agent(envs[0].obs_dim, envs[0].action_dim, args, device)
     agent.denoiser.load_state_dict(state["denoiser"])
     agent.critic.load_state_dict(state["critic"])  # --best-of-n ranks the samples by Q
-    video = f"videos/{os.path.basename(os.path.dirname(os.path.abspath(file)))}/evaluate.mp4"
-    video = video if args.capture_video else None
+    run_name = os.path.basename(os.path.dirname(os.path.abspath(file)))
+    video = f"videos/{run_name}/evaluate.mp4" if args.capture_video else None
     torch.manual_seed(args.seed)
     returns = evaluate(envs, agent, args, device, video)
     print(f"{args.env_id}: eval return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes "
@@ -683,8 +683,8 @@ def start_wandb(args: Args, run_name: str, wandb_id: str | None) -> None:
 
 def evaluate_and_log(agent: Agent, args: Args, eval_envs, probe_obs, writer, step: int) -> float:
     """Logs eval returns, the probe state's actions (paper, Fig. 4), a video; returns its seconds. RNGs forked."""
-    start, video = time.time(), f"videos/{os.path.basename(os.path.abspath(writer.log_dir))}/step_{step}.mp4"
-    video = video if args.capture_video else None
+    start, run_name = time.time(), os.path.basename(os.path.abspath(writer.log_dir))
+    video = f"videos/{run_name}/step_{step}.mp4" if args.capture_video else None
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if probe_obs.is_cuda else []):
         returns = evaluate(eval_envs, agent, args, probe_obs.device, video)
         probe = ddpm_sample(agent.denoiser, agent.schedule, probe_obs.expand(1000, -1), args.ddpm_temperature,
