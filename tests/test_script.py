@@ -222,7 +222,7 @@ def _can_render():
     return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, timeout=120).returncode == 0
 
 
-@pytest.mark.skipif(not _can_render(), reason="no headless OpenGL (EGL) on this machine: see README, Videos")
+@pytest.mark.skipif(not _can_render(), reason="no headless OpenGL (EGL) on this machine: see README, Experiments")
 def test_capture_video_and_evaluate_a_saved_model(tmp_path):
     args = ["--env-id", "cartpole-swingup", "--total-timesteps", "800", "--learning-starts", "600"]
     args += [
