@@ -90,7 +90,8 @@ class Args:
     ddpm_temperature: float = 1.0
     """scale of the noise injected at every reverse step of the sampler (0: deterministic chain)"""
     sampler_clip: str = "x_t"
-    """where the sampler clips to [-1, 1]: `x_t` every step (the paper), `x0_hat` the predicted clean action, `final`"""
+    """where the sampler clips to [-1, 1]: `x_t` after every reverse step (the paper), `x0_hat` the predicted clean
+    action inside every step (DDPM's clip_denoised), `final` only the returned action"""
     M_q: float = 50.0
     """the QSM scale alpha: the denoiser regresses onto -M_q * grad_a Q"""
     score_target: str = "paper"

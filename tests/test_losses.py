@@ -47,8 +47,8 @@ class ELULayerNormCritic(torch.nn.Module):
 def test_qsm_target_is_autograd_of_any_critic(qsm, make, compiled, monkeypatch):
     """Whatever the critic (another activation, LayerNorm, more critics), the target is exactly -M_q * mean_i grad_a Q_i
     computed by autograd on that critic's own forward: no other edit needed, eager or compiled (one graph)."""
-    torch._dynamo.reset()
     if compiled:
+        torch._dynamo.reset()
         monkeypatch.setattr(qsm, "qsm_target", torch.compile(qsm.qsm_target, fullgraph=True))
     torch.manual_seed(0)
     S, A, B = 5, 3, 40
@@ -67,8 +67,7 @@ def test_qsm_target_is_autograd_of_any_critic(qsm, make, compiled, monkeypatch):
     torch.testing.assert_close(target, expected, rtol=1e-12, atol=1e-12)
     assert not target.requires_grad  # no gradient may reach the critic from the score update
     if make == "twin-elu":  # the activation really changed: ReLU's gradient differs
-        monkeypatch.undo()
-        torch._dynamo.reset()
+        monkeypatch.undo()  # ReLU again, and the eager qsm_target
         assert not torch.allclose(qsm.qsm_target(critic, obs, actions, M_q=50.0), expected)
 
 
