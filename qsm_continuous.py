@@ -692,8 +692,8 @@ def evaluate_and_log(agent: Agent, args: Args, eval_envs, probe_obs, writer, ste
                             args.sampler_clip).cpu()  # fmt: skip
     writer.add_scalar("eval/episodic_return", returns.mean(), step)
     writer.add_scalar("eval/episodic_return_std", returns.std(), step)
-    for dim in range(probe.shape[1]):
-        writer.add_histogram(f"eval/action_dim_{dim}", probe[:, dim], step)
+    for dim in range(probe.shape[1]):  # buckets 0.01 wide: the share near +-1 and the modes are read off them
+        writer.add_histogram(f"eval/action_dim_{dim}", probe[:, dim], step, bins=np.linspace(-1.0, 1.0, 201))
     tqdm.write(f"step {step}: eval return {returns.mean():.1f} +- {returns.std():.1f}")
     if video and args.track:
         wandb.log({"videos/eval": wandb.Video(video, format="mp4")})
