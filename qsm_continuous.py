@@ -7,6 +7,7 @@ import sys
 os.environ.setdefault("MUJOCO_GL", "egl" if "--capture-video" in sys.argv else "disable")
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import itertools
@@ -16,7 +17,7 @@ import signal
 import socket
 import time
 import urllib.parse
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import imageio
 import mujoco
@@ -79,22 +80,24 @@ class Args:
     """the initial learning rate of the denoiser (Adam, cosine decay)"""
     actor_lr_decay_steps: int = 2_000_000
     """updates over which the denoiser's learning rate decays to 0 by a cosine (the official code's 2e6)"""
+    num_q: int = 2
+    """number of critics Q_i: the TD target takes their minimum, the QSM target their mean"""
     critic_hidden_dims: tuple[int, ...] = (512, 512)
     """hidden layer sizes of each critic MLP (ReLU)"""
     actor_hidden_dims: tuple[int, ...] = (512, 512)
     """hidden layer sizes of the denoiser MLP (mish)"""
     T: int = 5
     """number of diffusion steps of the DDPM policy"""
-    beta_schedule: str = "vp"
-    """noise schedule of the diffusion: `vp`, `cosine` or `linear`"""
+    beta_schedule: Literal["vp", "cosine", "linear"] = "vp"
+    """noise schedule of the diffusion (the official code's three)"""
     ddpm_temperature: float = 1.0
     """scale of the noise injected at every reverse step of the sampler (0: deterministic chain)"""
-    sampler_clip: str = "x_t"
+    sampler_clip: Literal["x_t", "x0_hat", "final"] = "x_t"
     """where the sampler clips to [-1, 1]: `x_t` after every reverse step (the paper), `x0_hat` the predicted clean
     action inside every step (DDPM's clip_denoised), `final` only the returned action"""
     M_q: float = 50.0
     """the QSM scale alpha: the denoiser regresses onto -M_q * grad_a Q"""
-    score_target: str = "paper"
+    score_target: Literal["paper", "denoising"] = "paper"
     """the denoiser's target: `paper` -M_q grad_a Q(s, a_t), `denoising` eps - M_q sqrt(1 - alpha_bar_t) grad_a Q"""
     normalize_q_grad: bool = False
     """divide grad_a Q by its batch-mean norm in the target: M_q then sets the target's scale, whatever Q's scale"""
@@ -210,7 +213,7 @@ class Denoiser(nn.Module):
     """eps_theta(s, a_t, t): t -> Fourier features [cos 2 pi t W, sin 2 pi t W] -> MLP(128, 128) mish -> cond;
     MLP mish on concat(a_t, s, cond) -> predicted noise. As the official code, t is the integer step 0..T-1."""
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden_dims: tuple[int, ...], T: int, time_dim: int = 64):
+    def __init__(self, obs_dim: int, action_dim: int, hidden_dims: tuple[int, ...], *, time_dim: int = 64):
         super().__init__()
         self.fourier_kernel = nn.Parameter(torch.randn(time_dim // 2, 1) * 0.2)  # W ~ N(0, 0.2^2), learned
         self.cond = nn.ModuleList([nn.Linear(time_dim, 128), nn.Linear(128, 128)])
@@ -220,40 +223,31 @@ class Denoiser(nn.Module):
         for layer in [*self.cond, *self.mlp, self.out]:  # the official init: Xavier-uniform weights, zero biases
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
-        self.input_sizes, self.action_dim, self.T = (action_dim, obs_dim, 128), action_dim, T
+        self.action_dim = action_dim
 
     def forward(self, obs: torch.Tensor, noisy_actions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """(B, S), (B, A), integer steps t (B,), or (1,) for one step shared by the batch -> predicted noise (B, A)."""
-        return self.at_states(obs)(noisy_actions, t)
-
-    def at_states(self, obs: torch.Tensor):
-        """The network, as eps_theta(s, ., .) at fixed states: what depends on s or t alone is computed once, here."""
-        f = 2 * math.pi * torch.arange(self.T, device=obs.device).float().unsqueeze(-1) @ self.fourier_kernel.T
-        cond = self.cond[1](mish(self.cond[0](torch.cat([torch.cos(f), torch.sin(f)], dim=-1))))  # (T, 128), t = 0..T-1
-        # W [a_t; s; cond] + b = W_a a_t + W_s s + (W_c cond + b): the last two terms do not depend on a_t
-        W_a, W_s, W_c = self.mlp[0].weight.split(self.input_sizes, dim=1)
-        state_share, time_share = F.linear(obs, W_s), F.linear(cond, W_c, self.mlp[0].bias)  # (B, H), (T, H)
-
-        def eps_theta(noisy_actions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x = mish(F.linear(noisy_actions, W_a) + state_share + F.embedding(t, time_share))  # row t; fast backward
-            for layer in self.mlp[1:]:
-                x = mish(layer(x))
-            return self.out(x)
-
-        return eps_theta
+        """(B, S), (B, A), integer steps t (B,), or (1,) for one step shared by the batch -> predicted noise (B, A).
+        The one definition of the network: the QSM loss and the sampler (acting, TD target, evaluation) call it."""
+        f = 2 * math.pi * t.float().unsqueeze(-1) @ self.fourier_kernel.T  # (B or 1, time_dim / 2)
+        cond = self.cond[1](mish(self.cond[0](torch.cat([torch.cos(f), torch.sin(f)], dim=-1))))  # (B or 1, 128)
+        x = torch.cat([noisy_actions, obs, cond.expand(len(obs), -1)], dim=-1)
+        for layer in self.mlp:
+            x = mish(layer(x))
+        return self.out(x)
 
 
 # ALGO LOGIC: the diffusion policy
 def beta_schedule(name: str, T: int) -> np.ndarray:
     """beta_t for the steps t = 0..T-1 (float64), as the official code's schedules."""
-    if name == "vp":  # beta = 1 - exp(-b_min/T - (b_max - b_min)(2k - 1) / (2 T^2)), k = t + 1 = 1..T
-        k, b_min, b_max = np.arange(1, T + 1), 0.1, 10.0
-        return 1.0 - np.exp(-b_min / T - 0.5 * (b_max - b_min) * (2 * k - 1) / T**2)
-    if name == "cosine":  # Nichol & Dhariwal (2021), s = 0.008
-        alpha_bar = np.cos((np.linspace(0, T, T + 1) / T + 0.008) / 1.008 * np.pi / 2) ** 2
-        return np.clip(1.0 - alpha_bar[1:] / alpha_bar[:-1], 0.0, 0.999)
-    if name == "linear":
-        return np.linspace(1e-4, 2e-2, T)
+    match name:
+        case "vp":  # beta = 1 - exp(-b_min/T - (b_max - b_min)(2k - 1) / (2 T^2)), k = t + 1 = 1..T
+            k, b_min, b_max = np.arange(1, T + 1), 0.1, 10.0
+            return 1.0 - np.exp(-b_min / T - 0.5 * (b_max - b_min) * (2 * k - 1) / T**2)
+        case "cosine":  # Nichol & Dhariwal (2021), s = 0.008
+            alpha_bar = np.cos((np.linspace(0, T, T + 1) / T + 0.008) / 1.008 * np.pi / 2) ** 2
+            return np.clip(1.0 - alpha_bar[1:] / alpha_bar[:-1], 0.0, 0.999)
+        case "linear":
+            return np.linspace(1e-4, 2e-2, T)
     raise ValueError(f"--beta-schedule {name!r} is unknown; use one of: vp, cosine, linear")
 
 
@@ -273,17 +267,18 @@ def ddpm_sample(denoiser, schedule: DiffusionSchedule, obs: torch.Tensor, temper
     """The reverse DDPM chain from x_T ~ N(0, I) to an action in [-1, 1]^A: (B, S) -> (B, A). No gradient flows."""
     with torch.no_grad():
         x = torch.randn(obs.shape[0], denoiser.action_dim, device=obs.device) if x_T is None else x_T
-        own = type(denoiser).forward is Denoiser.forward  # Denoiser's shares computed once; another forward as it is
-        eps_theta = denoiser.at_states(obs) if own else functools.partial(denoiser, obs)
         for t in reversed(range(schedule.T)):
             alpha, alpha_bar, beta = schedule.alphas[t], schedule.alpha_bars[t], schedule.betas[t]
-            eps_pred = eps_theta(x, torch.full((1,), t, device=obs.device))  # one step for the whole batch
-            if clip == "x0_hat":  # the posterior mean of q(x_{t-1} | x_t, x0_hat) at the clipped clean action
-                x0_hat = ((x - math.sqrt(1.0 - alpha_bar) * eps_pred) / math.sqrt(alpha_bar)).clamp(-1.0, 1.0)
-                prev = schedule.alpha_bars[t - 1] if t > 0 else 1.0  # alpha_bar_{t-1}
-                x = (math.sqrt(prev) * beta * x0_hat + math.sqrt(alpha) * (1.0 - prev) * x) / (1.0 - alpha_bar)
-            else:  # x_{t-1} = (x_t - (1 - alpha_t) / sqrt(1 - alpha_bar_t) * eps_theta(s, x_t, t)) / sqrt(alpha_t)
-                x = (x - (1.0 - alpha) / math.sqrt(1.0 - alpha_bar) * eps_pred) / math.sqrt(alpha)
+            eps_pred = denoiser(obs, x, torch.full((1,), t, device=obs.device))  # one step t for the whole batch
+            match clip:
+                case "x_t" | "final":  # x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_t)
+                    x = (x - (1.0 - alpha) / math.sqrt(1.0 - alpha_bar) * eps_pred) / math.sqrt(alpha)
+                case "x0_hat":  # the posterior mean of q(x_{t-1} | x_t, x0_hat) at the clipped clean action
+                    x0_hat = ((x - math.sqrt(1.0 - alpha_bar) * eps_pred) / math.sqrt(alpha_bar)).clamp(-1.0, 1.0)
+                    prev = schedule.alpha_bars[t - 1] if t > 0 else 1.0  # alpha_bar_{t-1}
+                    x = (math.sqrt(prev) * beta * x0_hat + math.sqrt(alpha) * (1.0 - prev) * x) / (1.0 - alpha_bar)
+                case _:
+                    raise ValueError(f"--sampler-clip {clip!r} is unknown; use one of: x_t, x0_hat, final")
             if t > 0:  # + sqrt(beta_t) * temperature * z
                 x = x + math.sqrt(beta) * temperature * torch.randn_like(x)
             if clip == "x_t":
@@ -364,9 +359,9 @@ def critic_loss(critic, critic_target, denoiser, schedule, batch: Batch, args: A
     y, next_actions = td_target(critic_target, denoiser, schedule, batch, args)
     q = critic(batch.obs, batch.actions).float()  # (num_q, B); .float(): a no-op, except under --bf16
     qf_losses = (q - y).pow(2).mean(dim=1)  # (num_q,)
-    metrics = {"losses/qf1_loss": qf_losses[0], "losses/qf2_loss": qf_losses[1], "losses/qf1_values": q[0].mean(),
-               "losses/qf2_values": q[1].mean(), "losses/td_target": y.mean(),  # and the share of actions at +-1:
-               "charts/action_saturation": (next_actions.abs() >= 1.0).float().mean()}  # fmt: skip
+    metrics = {f"losses/qf{i + 1}_loss": loss for i, loss in enumerate(qf_losses)}
+    metrics |= {f"losses/qf{i + 1}_values": values.mean() for i, values in enumerate(q)}
+    metrics |= {"losses/td_target": y.mean(), "charts/action_saturation": (next_actions.abs() >= 1.0).float().mean()}
     return qf_losses.sum(), {key: value.detach() for key, value in metrics.items()}
 
 
@@ -379,18 +374,22 @@ def qsm_target(critic, obs: torch.Tensor, noisy_actions: torch.Tensor, M_q: floa
         return -M_q * (grad / grad.norm(dim=-1).mean().clamp_min(1e-8) if normalize else grad)
 
 
-def qsm_loss(denoiser, critic, schedule, batch: Batch, M_q: float, score_target: str = "paper",
-             normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def qsm_loss(denoiser, critic, schedule, batch: Batch, args: Args) -> tuple[torch.Tensor, torch.Tensor]:
     """mean (eps_theta(s, a_t, t) - (-M_q grad_a Q(s, a_t)))^2 at noised replay actions; returns (loss, the Q term).
     eps_theta predicts noise and each reverse step subtracts it, so matching -M_q grad_a Q makes every denoising step
-    climb Q. Only the denoiser is differentiated, never the sampling chain. score_target and normalize: see Args."""
+    climb Q. Only the denoiser is differentiated, never the sampling chain."""
     t = torch.randint(0, schedule.T, batch.actions.shape[:1], device=batch.actions.device)  # t ~ U{0..T-1}, (B,)
     noise = torch.randn_like(batch.actions)  # eps ~ N(0, I)
     alpha_bar = schedule.alpha_bars_t[t].unsqueeze(-1)  # (B, 1)
     noisy_actions = alpha_bar.sqrt() * batch.actions + (1.0 - alpha_bar).sqrt() * noise  # a_t, (B, A)
-    q_term = qsm_target(critic, batch.obs, noisy_actions, M_q, normalize).float()  # .float(): a no-op except --bf16
-    # paper: -M_q grad_a Q(s, a_t); denoising: eps - M_q sqrt(1 - alpha_bar_t) grad_a Q(s, a_t)
-    target = q_term if score_target == "paper" else noise + (1.0 - alpha_bar).sqrt() * q_term
+    q_term = qsm_target(critic, batch.obs, noisy_actions, args.M_q, args.normalize_q_grad).float()  # no-op but bf16
+    match args.score_target:
+        case "paper":  # -M_q grad_a Q(s, a_t)
+            target = q_term
+        case "denoising":  # eps - M_q sqrt(1 - alpha_bar_t) grad_a Q(s, a_t)
+            target = noise + (1.0 - alpha_bar).sqrt() * q_term
+        case _:
+            raise ValueError(f"--score-target {args.score_target!r} is unknown; use one of: paper, denoising")
     eps_pred = denoiser(batch.obs, noisy_actions, t).float()  # (B, A)
     return (eps_pred - target).pow(2).mean(), q_term  # eps_theta(s, a_t, t) -> target
 
@@ -413,10 +412,9 @@ def cosine_decay(step: int, decay_steps: int) -> float:
 
 def build_agent(obs_dim: int, action_dim: int, args: Args, device) -> Agent:
     """Algorithm 1's start: twin critics, targets equal to them, the denoiser, and their Adam optimisers."""
-    critic = TwinCritic(obs_dim, action_dim, args.critic_hidden_dims).to(device)
-    critic_target = TwinCritic(obs_dim, action_dim, args.critic_hidden_dims).to(device).requires_grad_(False)
-    critic_target.load_state_dict(critic.state_dict())
-    denoiser = Denoiser(obs_dim, action_dim, args.actor_hidden_dims, args.T).to(device)
+    critic = TwinCritic(obs_dim, action_dim, args.critic_hidden_dims, args.num_q).to(device)
+    critic_target = copy.deepcopy(critic).requires_grad_(False)
+    denoiser = Denoiser(obs_dim, action_dim, args.actor_hidden_dims).to(device)
     # fused: one kernel per Adam step; under CUDA graphs the steps and learning rates live on the GPU (capturable)
     lr = (lambda value: torch.tensor(value, device=device)) if args.cudagraphs else float
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr(args.critic_lr), fused=True, capturable=args.cudagraphs)
@@ -426,9 +424,15 @@ def build_agent(obs_dim: int, action_dim: int, args: Args, device) -> Agent:
     return Agent(critic, critic_target, denoiser, critic_optimizer, actor_optimizer, scheduler, schedule)
 
 
+def bf16(args: Args, batch: Batch):
+    """--bf16: the forward computations' matrix products in bfloat16 (backward and optimiser steps stay outside)."""
+    return torch.autocast(batch.obs.device.type, torch.bfloat16, enabled=args.bf16)
+
+
 def update_critic(agent: Agent, batch: Batch, args: Args) -> dict:
     """One TD step on the critics, then the Polyak step of the targets. Returns detached metrics (no syncs)."""
-    loss, metrics = critic_loss(agent.critic, agent.critic_target, agent.denoiser, agent.schedule, batch, args)
+    with bf16(args, batch):
+        loss, metrics = critic_loss(agent.critic, agent.critic_target, agent.denoiser, agent.schedule, batch, args)
     agent.critic_optimizer.zero_grad(set_to_none=True)
     loss.backward()
     agent.critic_optimizer.step()
@@ -439,8 +443,8 @@ def update_critic(agent: Agent, batch: Batch, args: Args) -> dict:
 
 def update_actor(agent: Agent, batch: Batch, args: Args) -> dict:
     """One QSM step on the denoiser against the critics just updated. Returns detached metrics (no syncs)."""
-    loss, q_term = qsm_loss(agent.denoiser, agent.critic, agent.schedule, batch, args.M_q, args.score_target,
-                            args.normalize_q_grad)  # fmt: skip
+    with bf16(args, batch):
+        loss, q_term = qsm_loss(agent.denoiser, agent.critic, agent.schedule, batch, args)
     agent.actor_optimizer.zero_grad(set_to_none=True)
     loss.backward()
     agent.actor_optimizer.step()
@@ -449,8 +453,7 @@ def update_actor(agent: Agent, batch: Batch, args: Args) -> dict:
 
 def train_step(agent: Agent, batch: Batch, args: Args) -> dict:
     """Algorithm 1's update on one batch: a TD step on the critics, then a score step on the denoiser."""
-    with torch.autocast(batch.obs.device.type, torch.bfloat16, enabled=args.bf16):  # --bf16: products in bfloat16
-        return update_critic(agent, batch, args) | update_actor(agent, batch, args)
+    return update_critic(agent, batch, args) | update_actor(agent, batch, args)
 
 
 # TRY NOT TO MODIFY: evaluation, speed, checkpoints, argument checks
@@ -511,15 +514,14 @@ def fail(message: str) -> None:
 RUN_FIELDS = ("exp_name", "torch_deterministic", "cuda", "track", "wandb_project_name", "wandb_entity", "save_model",
               "capture_video", "evaluate_model", "checkpoint_interval", "resume", "total_timesteps", "eval_interval",
               "eval_episodes", "compile", "cudagraphs")  # fmt: skip
-RESUME_FIXED = ("env_id", "seed", "action_repeat", "buffer_size", "critic_hidden_dims", "actor_hidden_dims")
+RESUME_FIXED = ("env_id", "seed", "action_repeat", "buffer_size", "num_q", "critic_hidden_dims", "actor_hidden_dims")
 POSITIVE = ("total_timesteps", "buffer_size", "batch_size", "critic_lr", "actor_lr", "actor_lr_decay_steps", "T", "M_q",
-            "critic_hidden_dims", "actor_hidden_dims", "utd_ratio", "eval_interval", "eval_episodes",
+            "num_q", "critic_hidden_dims", "actor_hidden_dims", "utd_ratio", "eval_interval", "eval_episodes",
             "action_repeat", "best_of_n")  # fmt: skip
 NON_NEGATIVE = ("checkpoint_interval", "learning_starts", "ddpm_temperature", "exploration_noise", "target_noise")
 RANGES = {"seed": (lambda v: 0 <= v < 4294947296, "in [0, 2^32 - 20000)"), "tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
           "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"), **dict.fromkeys(POSITIVE, (lambda v: v > 0, "positive")),
           **dict.fromkeys(NON_NEGATIVE, (lambda v: v >= 0, ">= 0"))}  # fmt: skip
-CHOICES = {"sampler_clip": ("x_t", "x0_hat", "final"), "score_target": ("paper", "denoising")}
 
 
 def check_args(args: Args) -> str | None:
@@ -531,12 +533,8 @@ def check_args(args: Args) -> str | None:
         for v in value if isinstance(value, tuple) else (value,):
             if not math.isfinite(v) or not ok(v):
                 return f"{flag} must be {rule if math.isfinite(v) else 'finite'}, got {v}"
-    for name, choices in CHOICES.items():
-        if getattr(args, name) not in choices:
-            return f"--{name.replace('_', '-')} {getattr(args, name)!r} is unknown; use one of: {', '.join(choices)}"
     try:
         parse_env_id(args.env_id)
-        beta_schedule(args.beta_schedule, 1)
     except ValueError as error:
         return str(error)
     if args.batch_size > args.buffer_size:
@@ -607,12 +605,13 @@ def agent_state(agent: Agent, args: Args) -> dict:
     return {"args": vars(args)} | {name: getattr(agent, name).state_dict() for name in names}
 
 
-def training_state(agent: Agent, args: Args, rb: ReplayBuffer, env: DMCEnv, step: int, episode: tuple) -> dict:
+def training_state(agent: Agent, args: Args, rb: ReplayBuffer, env: DMCEnv, step: int, episode: tuple,
+                   wandb_run) -> dict:  # fmt: skip
     """Everything a run needs to go on exactly as if never stopped, the replay buffer's filled rows included."""
     return agent_state(agent, args) | {
         "global_step": step, "env": env.get_state(), "episode": [torch.from_numpy(episode[0]), *episode[1:]],
         "buffer": {"rows": rb.rows[: rb.size].cpu().clone(), "added": rb.added},  # a clone: a view saves all rows
-        "wandb_id": wandb.run.id if args.track else None,
+        "wandb_id": wandb_run and wandb_run.id,
         "rng": {"python": random.getstate(), "numpy": numpy_rng_state(np.random), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None},
     }  # fmt: skip
@@ -669,7 +668,10 @@ def evaluate_model(args: Args) -> None:
         print(f"video: {video}")
 
 
-def start_wandb(args: Args, run_name: str, wandb_id: str | None) -> None:
+def start_wandb(args: Args, run_name: str, wandb_id: str | None):
+    """Starts the wandb run, or resumes the checkpoint's (wandb_id); returns it."""
+    import wandb  # imported only with --track: it takes seconds
+
     url = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
     if os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
         try:  # no network: log offline, upload later
@@ -678,8 +680,8 @@ def start_wandb(args: Args, run_name: str, wandb_id: str | None) -> None:
             os.environ["WANDB_MODE"] = "offline"
             print("wandb: no network; logging offline to ./wandb (upload later: wandb sync --sync-all)",
                   file=sys.stderr)  # fmt: skip
-    wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-               name=run_name, save_code=True, id=wandb_id, resume="allow")  # fmt: skip
+    return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                      config=vars(args), name=run_name, save_code=True, id=wandb_id, resume="allow")  # fmt: skip
 
 
 def evaluate_and_log(agent: Agent, args: Args, eval_envs, probe_obs, writer, step: int) -> float:
@@ -696,14 +698,25 @@ def evaluate_and_log(agent: Agent, args: Args, eval_envs, probe_obs, writer, ste
         writer.add_histogram(f"eval/action_dim_{dim}", probe[:, dim], step, bins=np.linspace(-1.0, 1.0, 201))
     tqdm.write(f"step {step}: eval return {returns.mean():.1f} +- {returns.std():.1f}")
     if video and args.track:
+        import wandb
+
         wandb.log({"videos/eval": wandb.Video(video, format="mp4")})
     return time.time() - start
+
+
+def all_finite(agent: Agent) -> torch.Tensor:
+    """Whether every parameter and optimiser state that a checkpoint saves is finite, as one tensor (no sync)."""
+    optimizers = (agent.critic_optimizer, agent.actor_optimizer)
+    tensors = [*agent.critic.parameters(), *agent.critic_target.parameters(), *agent.denoiser.parameters()]
+    tensors += [v for opt in optimizers for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
+    return torch.stack([tensor.isfinite().all() for tensor in tensors]).all()
 
 
 def check_finite(finite: torch.Tensor, metrics: dict, step: int, last_checkpoint: str | None) -> None:
     """NaN/Inf guard, read (one sync) when logging and before every checkpoint: no checkpoint ever holds a NaN."""
     if not finite:
-        bad = [f"{k} ({v.item():.4g})" for k, v in metrics.items() if not torch.isfinite(v)] or ["a loss"]
+        bad = [f"{k} ({v.item():.4g})" for k, v in metrics.items() if not torch.isfinite(v)]
+        bad = bad or ["a parameter or optimiser state"]
         where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
         fail(f"non-finite {', '.join(bad)} by step {step}; {where} (--resume it with, e.g., a lower --critic-lr)")
 
@@ -742,10 +755,7 @@ if __name__ == "__main__":
     rb = make_replay_buffer(args, env.obs_dim, env.action_dim, device)
     run_dir = run_dir or f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_name, checkpoint = os.path.basename(os.path.abspath(run_dir)), f"{run_dir}/checkpoint.pt"
-    if args.track:
-        import wandb
-
-        start_wandb(args, run_name, saved and saved["wandb_id"])
+    wandb_run = start_wandb(args, run_name, saved and saved["wandb_id"]) if args.track else None
     writer = SummaryWriter(run_dir, purge_step=saved and saved["global_step"])  # a resume drops logs past its step
     if not saved:
         rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
@@ -770,7 +780,7 @@ if __name__ == "__main__":
         print(f"resumed {run_dir} at step {start}", file=sys.stderr)
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    finite = torch.ones((), dtype=torch.bool, device=device)  # all losses and Q values since the last check
+    finite, metrics = torch.ones((), dtype=torch.bool, device=device), {}  # all losses and Q values since the check
     if saved and start % args.eval_interval < args.action_repeat:  # the purge dropped this step's evaluation: redo it
         evaluate_and_log(agent, args, eval_envs, probe_obs, writer, start)
     start_time, start_step = time.time(), None
@@ -815,11 +825,10 @@ if __name__ == "__main__":
             start_time += evaluate_and_log(agent, args, eval_envs, probe_obs, writer, steps_done)
         due = args.checkpoint_interval and (steps_done % args.checkpoint_interval < args.action_repeat
                                             or steps_done >= args.total_timesteps)  # fmt: skip
-        if due or STOP:
-            if global_step >= args.learning_starts:
-                check_finite(finite, metrics, global_step, last_checkpoint)
+        if due or STOP:  # the losses since the last check, and all that the checkpoint saves
+            check_finite(finite & all_finite(agent), metrics, global_step, last_checkpoint)
             episode = (obs, episode_return, episode_length, last_return)
-            save_atomic(checkpoint, training_state(agent, args, rb, env, steps_done, episode))
+            save_atomic(checkpoint, training_state(agent, args, rb, env, steps_done, episode, wandb_run))
             last_checkpoint = f"{checkpoint} (step {steps_done})"
             if STOP:
                 pbar.close()
@@ -831,5 +840,5 @@ if __name__ == "__main__":
         save_atomic(f"{run_dir}/{args.exp_name}.pt", agent_state(agent, args) | {"global_step": args.total_timesteps})
         print(f"model saved to {run_dir}/{args.exp_name}.pt")
     writer.close()
-    if args.track:
-        wandb.finish()
+    if wandb_run:
+        wandb_run.finish()

@@ -29,11 +29,12 @@ def main() -> None:
         critic = lambda obs, a, q=q: torch.stack([q(a), q(a)])  # noqa: E731  (twin critics, equal)
         for target, normalize, M_q, clip in VARIANTS:
             torch.manual_seed(0)
-            den, schedule = qsm.Denoiser(2, 1, (64, 64), 5), qsm.DiffusionSchedule("vp", 5)
+            den, schedule = qsm.Denoiser(2, 1, (64, 64)), qsm.DiffusionSchedule("vp", 5)
             opt, obs = torch.optim.Adam(den.parameters(), 3e-3), torch.zeros(256, 2)
+            args = qsm.Args(M_q=M_q, score_target=target, normalize_q_grad=normalize, cuda=False)
             for _ in range(400):
                 batch = qsm.Batch(obs, torch.rand(256, 1) * 2 - 1, torch.zeros(256), obs, torch.ones(256))
-                loss, _ = qsm.qsm_loss(den, critic, schedule, batch, M_q, target, normalize)
+                loss, _ = qsm.qsm_loss(den, critic, schedule, batch, args)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -65,12 +65,12 @@ def test_compiled_losses_and_sampler_are_one_graph_each(qsm, score_target):
     """No graph breaks: grad_a Q (torch.func.grad) is traced into the QSM loss's graph, not split around it."""
     torch._dynamo.reset()
     agent, args = _agent(qsm)
-    args.score_target, args.normalize_q_grad, args.sampler_clip = score_target, True, "x0_hat"
+    args.score_target, args.normalize_q_grad, args.sampler_clip, args.M_q = score_target, True, "x0_hat", 3.0
     obs, actions = torch.randn(32, 5), torch.rand(32, 2) * 2 - 1
     batch = qsm.Batch(obs, actions, torch.randn(32), torch.randn(32, 5), torch.ones(32))
     calls = {
         "critic_loss": (agent.critic, agent.critic_target, agent.denoiser, agent.schedule, batch, args),
-        "qsm_loss": (agent.denoiser, agent.critic, agent.schedule, batch, 3.0, score_target, True),
+        "qsm_loss": (agent.denoiser, agent.critic, agent.schedule, batch, args),
         "ddpm_sample": (agent.denoiser, agent.schedule, obs, 1.0, "x0_hat"),
     }
     for name, call in calls.items():
@@ -81,7 +81,7 @@ def test_compiled_losses_and_sampler_are_one_graph_each(qsm, score_target):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sampler_on_cuda_matches_cpu(qsm):
     torch.manual_seed(0)
-    den, schedule = qsm.Denoiser(5, 2, (64, 64), 5), qsm.DiffusionSchedule("vp", 5, "cuda")
+    den, schedule = qsm.Denoiser(5, 2, (64, 64)), qsm.DiffusionSchedule("vp", 5, "cuda")
     obs, x_T = torch.randn(16, 5), torch.randn(16, 2)
     cpu = qsm.ddpm_sample(den, qsm.DiffusionSchedule("vp", 5), obs, temperature=0.0, x_T=x_T)
     gpu = qsm.ddpm_sample(den.cuda(), schedule, obs.cuda(), temperature=0.0, x_T=x_T.cuda())

@@ -49,7 +49,7 @@ def test_denoiser_is_the_official_mlp_on_concat_and_t_may_be_shared(qsm):
     for one step shared by the batch, t of shape (1,), as the sampler passes it."""
     torch.manual_seed(0)
     S, A, B = 7, 3, 11
-    den = qsm.Denoiser(S, A, (32, 16), 5)
+    den = qsm.Denoiser(S, A, (32, 16))
     obs, actions, t = torch.randn(B, S), torch.randn(B, A), torch.randint(0, 5, (B,))
     f = 2 * math.pi * t.float()[:, None] * den.fourier_kernel[:, 0]  # [cos 2 pi t W, sin 2 pi t W], W (32, 1)
     cond = den.cond[1](F.mish(den.cond[0](torch.cat([torch.cos(f), torch.sin(f)], dim=-1))))
@@ -83,8 +83,8 @@ def test_sampler_and_loss_use_the_denoisers_own_forward(qsm):
     """A subclass that changes only forward changes the sampler's output exactly as the hand-written chain with that
     forward does, and the QSM loss with it: nothing reaches the network around forward."""
     torch.manual_seed(0)
-    plain = qsm.Denoiser(5, 3, (32, 32), 5)
-    changed = type("Changed", (DoubledDenoiser, qsm.Denoiser), {})(5, 3, (32, 32), 5)
+    plain = qsm.Denoiser(5, 3, (32, 32))
+    changed = type("Changed", (DoubledDenoiser, qsm.Denoiser), {})(5, 3, (32, 32))
     changed.load_state_dict(plain.state_dict())
     schedule = qsm.DiffusionSchedule("vp", 5)
     obs, x_T = torch.randn(16, 5), torch.randn(16, 3)
@@ -96,14 +96,14 @@ def test_sampler_and_loss_use_the_denoisers_own_forward(qsm):
     losses = []
     for den in (plain, changed):
         torch.manual_seed(1)
-        losses.append(qsm.qsm_loss(den, critic, schedule, batch, M_q=1.0)[0])
+        losses.append(qsm.qsm_loss(den, critic, schedule, batch, qsm.Args(M_q=1.0))[0])
     assert losses[0] != losses[1]
 
 
 @pytest.fixture()
 def denoiser(qsm):
     torch.manual_seed(0)
-    return qsm.Denoiser(5, 3, (32, 32), 5)
+    return qsm.Denoiser(5, 3, (32, 32))
 
 
 def test_sampler_shape_range_and_seed(qsm, denoiser):

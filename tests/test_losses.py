@@ -100,10 +100,10 @@ def test_qsm_loss_uses_the_forward_diffusion_of_replay_actions(qsm):
     """Replays the loss's random draws (t, then eps) and recomputes it by hand."""
     torch.manual_seed(0)
     S, A, B = 4, 2, 32
-    den, critic, schedule = qsm.Denoiser(S, A, (16,), 5), QuadraticCritic(S, A), qsm.DiffusionSchedule("vp", 5)
+    den, critic, schedule = qsm.Denoiser(S, A, (16,)), QuadraticCritic(S, A), qsm.DiffusionSchedule("vp", 5)
     batch = qsm.Batch(torch.randn(B, S), torch.rand(B, A) * 2 - 1, torch.zeros(B), torch.randn(B, S), torch.ones(B))
     torch.manual_seed(7)
-    loss, _ = qsm.qsm_loss(den, critic, schedule, batch, M_q=3.0)
+    loss, _ = qsm.qsm_loss(den, critic, schedule, batch, qsm.Args(M_q=3.0))
     torch.manual_seed(7)
     t = torch.randint(0, 5, (B,))
     eps = torch.randn(B, A)
@@ -120,10 +120,10 @@ def test_denoising_score_target_is_eps_minus_M_q_sigma_t_grad_Q(qsm):
     loss's own draws (t, then eps) replayed."""
     torch.manual_seed(0)
     S, A, B = 4, 2, 32
-    den, critic, schedule = qsm.Denoiser(S, A, (16,), 5), QuadraticCritic(S, A), qsm.DiffusionSchedule("vp", 5)
+    den, critic, schedule = qsm.Denoiser(S, A, (16,)), QuadraticCritic(S, A), qsm.DiffusionSchedule("vp", 5)
     batch = qsm.Batch(torch.randn(B, S), torch.rand(B, A) * 2 - 1, torch.zeros(B), torch.randn(B, S), torch.ones(B))
     torch.manual_seed(7)
-    loss, q_term = qsm.qsm_loss(den, critic, schedule, batch, M_q=3.0, score_target="denoising")
+    loss, q_term = qsm.qsm_loss(den, critic, schedule, batch, qsm.Args(M_q=3.0, score_target="denoising"))
     torch.manual_seed(7)
     t = torch.randint(0, 5, (B,))
     eps = torch.randn(B, A)
@@ -146,7 +146,7 @@ def test_normalized_q_grad_divides_by_its_batch_mean_norm_and_ignores_the_scale_
 def test_best_of_n_acts_with_the_highest_min_Q_of_n_samples_drawn_in_one_sampler_call(qsm):
     torch.manual_seed(0)
     S, A, N = 4, 2, 8
-    den, critic, schedule = qsm.Denoiser(S, A, (32,), 5), QuadraticCritic(S, A), qsm.DiffusionSchedule("vp", 5)
+    den, critic, schedule = qsm.Denoiser(S, A, (32,)), QuadraticCritic(S, A), qsm.DiffusionSchedule("vp", 5)
     agent = types.SimpleNamespace(denoiser=den, critic=critic, schedule=schedule)  # the fields best_of_n reads
     obs = torch.randn(3, S)
     torch.manual_seed(1)
@@ -170,7 +170,7 @@ def test_score_updates_move_sampled_actions_to_the_best_action(qsm):
     torch.manual_seed(0)
     S, A, B = 4, 2, 256
     critic = QuadraticCritic(S, A)
-    den, schedule = qsm.Denoiser(S, A, (64, 64), 5), qsm.DiffusionSchedule("vp", 5)
+    den, schedule = qsm.Denoiser(S, A, (64, 64)), qsm.DiffusionSchedule("vp", 5)
     opt = torch.optim.Adam(den.parameters(), lr=3e-3)
     obs_test = torch.randn(512, S)
 
@@ -181,7 +181,7 @@ def test_score_updates_move_sampled_actions_to_the_best_action(qsm):
     for _ in range(400):
         obs = torch.randn(B, S)
         batch = qsm.Batch(obs, torch.rand(B, A) * 2 - 1, torch.zeros(B), obs, torch.ones(B))
-        loss, _ = qsm.qsm_loss(den, critic, schedule, batch, M_q=1.0)
+        loss, _ = qsm.qsm_loss(den, critic, schedule, batch, qsm.Args(M_q=1.0))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -200,7 +200,7 @@ class ConstantCritic:
 
 def test_td_target_on_a_hand_computed_batch(qsm):
     torch.manual_seed(0)
-    den, schedule = qsm.Denoiser(2, 3, (8,), 5), qsm.DiffusionSchedule("vp", 5)
+    den, schedule = qsm.Denoiser(2, 3, (8,)), qsm.DiffusionSchedule("vp", 5)
     next_obs = torch.tensor([[1.0, 2.0], [0.5, -1.0], [1.0, 1.0]])  # min(Q1, Q2) = [3, -2, 2]
     batch = qsm.Batch(
         obs=torch.zeros(3, 2),

@@ -159,14 +159,14 @@ def check_gradients(pairs, key="grad"):
 
 
 def test_qsm_loss_target_and_gradients(qsm, agent, batch, monkeypatch):
-    agent, _ = agent
+    agent, args = agent
     with torch.no_grad():  # the QSM step sees the critics after this update's critic step
         for name, param, view in critic_pairs(agent.critic, "critic"):
             view(param).copy_(torch.from_numpy(G[f"update1/{name}"]))
     seen = {}
     agent.denoiser.register_forward_hook(lambda m, inputs, out: seen.update(a_t=inputs[1], eps_pred=out))
     draws = Draws(monkeypatch, *QSM_DRAWS)
-    loss, target = qsm.qsm_loss(agent.denoiser, agent.critic, agent.schedule, batch, float(G["meta/M_q"]))
+    loss, target = qsm.qsm_loss(agent.denoiser, agent.critic, agent.schedule, batch, args)
     draws.done()
     assert scale_error(seen["a_t"], G["qsm/a_t"]) < 1e-5
     assert scale_error(seen["eps_pred"], G["qsm/eps_pred"]) < 1e-5
