@@ -38,8 +38,6 @@ class Args:
     """the name of this experiment"""
     seed: int = 1
     """seed of Python, NumPy, torch and the dm_control task (eval tasks: seed + 10000 + i, probe state: seed + 20000)"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = torch.cuda.is_available()
     """train on the GPU (the default where one is visible); `--cuda` without one is an error"""
     track: bool = False
@@ -230,8 +228,10 @@ class Denoiser(nn.Module):
         The one definition of the network: the QSM loss and the sampler (acting, TD target, evaluation) call it."""
         f = 2 * math.pi * t.float().unsqueeze(-1) @ self.fourier_kernel.T  # (B or 1, time_dim / 2)
         cond = self.cond[1](mish(self.cond[0](torch.cat([torch.cos(f), torch.sin(f)], dim=-1))))  # (B or 1, 128)
-        x = torch.cat([noisy_actions, obs, cond.expand(len(obs), -1)], dim=-1)
-        for layer in self.mlp:
+        # mlp[0](concat(a_t, s, cond)) = W_as [a_t; s] + (W_c cond + b): cond's part once per t, then broadcast
+        W_as, W_c = self.mlp[0].weight.split([self.mlp[0].in_features - cond.shape[-1], cond.shape[-1]], dim=1)
+        x = mish(F.linear(torch.cat([noisy_actions, obs], dim=-1), W_as) + F.linear(cond, W_c, self.mlp[0].bias))
+        for layer in self.mlp[1:]:
             x = mish(layer(x))
         return self.out(x)
 
@@ -287,8 +287,7 @@ def ddpm_sample(denoiser, schedule: DiffusionSchedule, obs: torch.Tensor, temper
 
 
 def best_of_n(agent: "Agent", obs: torch.Tensor, args: Args) -> torch.Tensor:
-    """The policy: of N = best_of_n DDPM samples per state, drawn in one sampler call, the one with the highest
-    min_i Q_i(s, a); N = 1 is the paper's single sample. (B, S) -> (B, A)."""
+    """The policy: of N = best_of_n DDPM samples per state (one sampler call), the best by min_i Q_i(s, a)."""
     n = args.best_of_n
     obs_n = obs.repeat_interleave(n, dim=0)  # (B N, S): sample k of state j in row j N + k
     actions = ddpm_sample(agent.denoiser, agent.schedule, obs_n, args.ddpm_temperature, args.sampler_clip)
@@ -424,14 +423,9 @@ def build_agent(obs_dim: int, action_dim: int, args: Args, device) -> Agent:
     return Agent(critic, critic_target, denoiser, critic_optimizer, actor_optimizer, scheduler, schedule)
 
 
-def bf16(args: Args, batch: Batch):
-    """--bf16: the forward computations' matrix products in bfloat16 (backward and optimiser steps stay outside)."""
-    return torch.autocast(batch.obs.device.type, torch.bfloat16, enabled=args.bf16)
-
-
 def update_critic(agent: Agent, batch: Batch, args: Args) -> dict:
     """One TD step on the critics, then the Polyak step of the targets. Returns detached metrics (no syncs)."""
-    with bf16(args, batch):
+    with torch.autocast(batch.obs.device.type, torch.bfloat16, enabled=args.bf16):  # --bf16: the forward only
         loss, metrics = critic_loss(agent.critic, agent.critic_target, agent.denoiser, agent.schedule, batch, args)
     agent.critic_optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -443,7 +437,7 @@ def update_critic(agent: Agent, batch: Batch, args: Args) -> dict:
 
 def update_actor(agent: Agent, batch: Batch, args: Args) -> dict:
     """One QSM step on the denoiser against the critics just updated. Returns detached metrics (no syncs)."""
-    with bf16(args, batch):
+    with torch.autocast(batch.obs.device.type, torch.bfloat16, enabled=args.bf16):  # --bf16: the forward only
         loss, q_term = qsm_loss(agent.denoiser, agent.critic, agent.schedule, batch, args)
     agent.actor_optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -511,9 +505,9 @@ def fail(message: str) -> None:
 
 
 # the flags that may change when a run resumes without changing what it learns; any other change is named
-RUN_FIELDS = ("exp_name", "torch_deterministic", "cuda", "track", "wandb_project_name", "wandb_entity", "save_model",
-              "capture_video", "evaluate_model", "checkpoint_interval", "resume", "total_timesteps", "eval_interval",
-              "eval_episodes", "compile", "cudagraphs")  # fmt: skip
+RUN_FIELDS = ("exp_name", "cuda", "track", "wandb_project_name", "wandb_entity", "save_model", "capture_video",
+              "evaluate_model", "checkpoint_interval", "resume", "total_timesteps", "eval_interval", "eval_episodes",
+              "compile", "cudagraphs")  # fmt: skip
 RESUME_FIXED = ("env_id", "seed", "action_repeat", "buffer_size", "num_q", "critic_hidden_dims", "actor_hidden_dims")
 POSITIVE = ("total_timesteps", "buffer_size", "batch_size", "critic_lr", "actor_lr", "actor_lr_decay_steps", "T", "M_q",
             "num_q", "critic_hidden_dims", "actor_hidden_dims", "utd_ratio", "eval_interval", "eval_episodes",
@@ -605,13 +599,12 @@ def agent_state(agent: Agent, args: Args) -> dict:
     return {"args": vars(args)} | {name: getattr(agent, name).state_dict() for name in names}
 
 
-def training_state(agent: Agent, args: Args, rb: ReplayBuffer, env: DMCEnv, step: int, episode: tuple,
-                   wandb_run) -> dict:  # fmt: skip
+def training_state(agent: Agent, args: Args, rb: ReplayBuffer, env: DMCEnv, step: int, episode: tuple, run=None):
     """Everything a run needs to go on exactly as if never stopped, the replay buffer's filled rows included."""
     return agent_state(agent, args) | {
         "global_step": step, "env": env.get_state(), "episode": [torch.from_numpy(episode[0]), *episode[1:]],
         "buffer": {"rows": rb.rows[: rb.size].cpu().clone(), "added": rb.added},  # a clone: a view saves all rows
-        "wandb_id": wandb_run and wandb_run.id,
+        "wandb_id": run and run.id,
         "rng": {"python": random.getstate(), "numpy": numpy_rng_state(np.random), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None},
     }  # fmt: skip
@@ -678,8 +671,9 @@ def start_wandb(args: Args, run_name: str, wandb_id: str | None):
             socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), 3.0).close()
         except OSError:
             os.environ["WANDB_MODE"] = "offline"
-            print("wandb: no network; logging offline to ./wandb (upload later: wandb sync --sync-all)",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                "wandb: no network; logging offline to ./wandb (upload later: wandb sync --sync-all)", file=sys.stderr
+            )
     return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                       config=vars(args), name=run_name, save_code=True, id=wandb_id, resume="allow")  # fmt: skip
 
@@ -704,19 +698,17 @@ def evaluate_and_log(agent: Agent, args: Args, eval_envs, probe_obs, writer, ste
     return time.time() - start
 
 
-def all_finite(agent: Agent) -> torch.Tensor:
-    """Whether every parameter and optimiser state that a checkpoint saves is finite, as one tensor (no sync)."""
-    optimizers = (agent.critic_optimizer, agent.actor_optimizer)
-    tensors = [*agent.critic.parameters(), *agent.critic_target.parameters(), *agent.denoiser.parameters()]
-    tensors += [v for opt in optimizers for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
-    return torch.stack([tensor.isfinite().all() for tensor in tensors]).all()
-
-
-def check_finite(finite: torch.Tensor, metrics: dict, step: int, last_checkpoint: str | None) -> None:
-    """NaN/Inf guard, read (one sync) when logging and before every checkpoint: no checkpoint ever holds a NaN."""
+def check_finite(finite: torch.Tensor, metrics: dict, step: int, last_checkpoint: str | None, agent=None) -> None:
+    """NaN/Inf guard, one sync: the losses since the last check and, given the agent (before every checkpoint), every
+    parameter and optimiser state that a checkpoint saves. So no checkpoint ever holds a NaN."""
+    if agent is not None:
+        tensors = [p for net in (agent.critic, agent.critic_target, agent.denoiser) for p in net.parameters()]
+        optimizers = (agent.critic_optimizer, agent.actor_optimizer)
+        tensors += [v for opt in optimizers for state in opt.state.values() for v in state.values()]
+        finite = finite & torch.stack([tensor.isfinite().all() for tensor in tensors]).all()
     if not finite:
         bad = [f"{k} ({v.item():.4g})" for k, v in metrics.items() if not torch.isfinite(v)]
-        bad = bad or ["a parameter or optimiser state"]
+        bad = bad or ["parameters or optimiser states"]
         where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
         fail(f"non-finite {', '.join(bad)} by step {step}; {where} (--resume it with, e.g., a lower --critic-lr)")
 
@@ -742,7 +734,6 @@ if __name__ == "__main__":
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if args.cuda else "cpu")
     if args.bf16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         print("warning: this CPU has no bfloat16 matrix instructions; --bf16 runs slower than float32", file=sys.stderr)
@@ -778,8 +769,8 @@ if __name__ == "__main__":
         obs, episode_return, episode_length, last_return = restore(saved, agent, args, rb, env)
         start, last_checkpoint = saved["global_step"], f"{checkpoint} (step {saved['global_step']})"
         print(f"resumed {run_dir} at step {start}", file=sys.stderr)
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, request_stop)
     finite, metrics = torch.ones((), dtype=torch.bool, device=device), {}  # all losses and Q values since the check
     if saved and start % args.eval_interval < args.action_repeat:  # the purge dropped this step's evaluation: redo it
         evaluate_and_log(agent, args, eval_envs, probe_obs, writer, start)
@@ -826,7 +817,7 @@ if __name__ == "__main__":
         due = args.checkpoint_interval and (steps_done % args.checkpoint_interval < args.action_repeat
                                             or steps_done >= args.total_timesteps)  # fmt: skip
         if due or STOP:  # the losses since the last check, and all that the checkpoint saves
-            check_finite(finite & all_finite(agent), metrics, global_step, last_checkpoint)
+            check_finite(finite, metrics, global_step, last_checkpoint, agent)
             episode = (obs, episode_return, episode_length, last_return)
             save_atomic(checkpoint, training_state(agent, args, rb, env, steps_done, episode, wandb_run))
             last_checkpoint = f"{checkpoint} (step {steps_done})"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import edited_copy, import_path
 
 
 def test_vp_schedule_matches_the_papers_values(qsm):
@@ -98,6 +99,46 @@ def test_sampler_and_loss_use_the_denoisers_own_forward(qsm):
         torch.manual_seed(1)
         losses.append(qsm.qsm_loss(den, critic, schedule, batch, qsm.Args(M_q=1.0))[0])
     assert losses[0] != losses[1]
+
+
+# edits of Denoiser.forward's body in a copy of the file, as a user makes them: an output offset whose chain ends at -1
+# (each reverse step subtracts the huge predicted noise), and a residual MLP
+FORWARD_EDITS = {
+    "offset": ("        return self.out(x)\n", "        return self.out(x) + 1e6\n"),
+    "residual": (
+        "            x = mish(layer(x))\n",
+        "            x = mish(layer(x)) + (x if x.shape[-1] == layer.out_features else 0)\n",
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(FORWARD_EDITS))
+def test_an_edit_of_forward_in_the_file_reaches_the_sampler_td_target_and_acting(qsm, tmp_path, edit):
+    """Every caller of the network runs the edited forward: the sampler equals the hand-written chain through it, and
+    the TD target's next actions and acting are that sampler's actions; the unedited file's sampler differs."""
+    edited = import_path(edited_copy(tmp_path, FORWARD_EDITS[edit]))
+    S, A, B = 5, 3, 16
+    args = edited.Args(critic_hidden_dims=(16,), actor_hidden_dims=(32, 32), ddpm_temperature=0.0,
+                       exploration_noise=0.0, target_noise=0.0, cuda=False)  # fmt: skip
+    torch.manual_seed(0)
+    agent = edited.build_agent(S, A, args, "cpu")
+    obs = torch.randn(B, S)
+    batch = edited.Batch(obs, torch.rand(B, A) * 2 - 1, torch.zeros(B), obs, torch.ones(B))
+    calls = {
+        "ddpm_sample": lambda: edited.ddpm_sample(agent.denoiser, agent.schedule, obs, 0.0),
+        "td_target": lambda: edited.td_target(agent.critic_target, agent.denoiser, agent.schedule, batch, args)[1],
+        "act": lambda: edited.act(agent, obs, args),
+    }
+    for name, call in calls.items():
+        torch.manual_seed(1)
+        x_T = torch.randn(B, A)  # the first draw of each call
+        torch.manual_seed(1)
+        chain = hand_written_chain(agent.denoiser, agent.schedule, obs, x_T)
+        torch.testing.assert_close(call(), chain, rtol=1e-5, atol=1e-5, msg=name)
+    assert (chain == -1).all() if edit == "offset" else (chain.abs() < 1).any()
+    original = qsm.Denoiser(S, A, (32, 32))
+    original.load_state_dict(agent.denoiser.state_dict())
+    assert not torch.allclose(qsm.ddpm_sample(original, agent.schedule, obs, 0.0, x_T=x_T), chain)
 
 
 @pytest.fixture()

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import edited_copy
 from test_script import SCRIPT, SMALL, only_run_dir, read_scalars, run_script
 
 BASE = ["--env-id", "cartpole-swingup", "--learning-starts", "400", "--eval-interval", "600", "--eval-episodes", "1"]
@@ -108,6 +109,34 @@ def test_planted_nan_stops_the_run_naming_step_quantity_and_checkpoint(tmp_path)
     state = torch.load(tmp_path / run_dir / "checkpoint.pt", weights_only=True)
     assert state["global_step"] == 400  # no checkpoint was written after the NaN
     assert all(torch.isfinite(p).all() for p in state["critic"].values())
+
+
+PLANTS = {  # a NaN planted right after the update of step 499, in a copy of the file: no loss can see it before 500
+    "parameter": 'agent.denoiser.out.bias.data[0] = float("nan")',
+    "optimiser state": 'agent.actor_optimizer.state[agent.denoiser.out.bias]["exp_avg_sq"][0] = float("nan")',
+}
+
+
+@pytest.mark.parametrize("plant", sorted(PLANTS))
+def test_a_nan_in_what_a_checkpoint_saves_stops_the_run_before_it_is_saved(tmp_path, plant):
+    anchor = "                agent.actor_scheduler.step()\n"
+    script = edited_copy(
+        tmp_path, (anchor, f"{anchor}                if global_step == 499:\n{' ' * 20}{PLANTS[plant]}\n")
+    )
+    result = run_script([*BASE, "--total-timesteps", "1000", "--checkpoint-interval", "100"], tmp_path, script=script)
+    assert result.returncode == 2
+    run_dir = only_run_dir(tmp_path).relative_to(tmp_path)
+    assert result.stderr == (
+        f"error: non-finite parameters or optimiser states by step 499; the last good checkpoint "
+        f"is {run_dir}/checkpoint.pt (step 400) (--resume it with, e.g., a lower --critic-lr)\n"
+    )
+    state = torch.load(tmp_path / run_dir / "checkpoint.pt", weights_only=True)
+    assert state["global_step"] == 400
+    tensors = [*state["critic"].values(), *state["critic_target"].values(), *state["denoiser"].values()]
+    tensors += [
+        v for opt in ("critic_optimizer", "actor_optimizer") for s in state[opt]["state"].values() for v in s.values()
+    ]
+    assert all(torch.isfinite(t).all() for t in tensors)
 
 
 @pytest.fixture(scope="module")

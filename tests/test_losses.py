@@ -4,6 +4,8 @@ import types
 
 import pytest
 import torch
+import tyro
+from conftest import edited_copy, import_path
 
 
 class QuadraticCritic:
@@ -236,6 +238,58 @@ def test_update_critic_steps_the_critics_and_polyaks_the_targets(qsm):
     assert all(torch.equal(p0, p1) for p0, p1 in zip(den_before, agent.denoiser.parameters(), strict=True))
     assert {"losses/qf1_loss", "losses/qf2_loss", "losses/qf1_values", "charts/action_saturation"} <= set(metrics)
     assert all(torch.isfinite(v) for v in metrics.values())
+
+
+@pytest.mark.parametrize("num_q", [1, 3])
+def test_any_number_of_critics_learns_and_logs_each(qsm, num_q):
+    """--num-q N: the TD target takes the minimum of the N target critics, the loss sums each critic's own MSE, and
+    every critic's loss and Q value is logged; a real update moves the critics and the denoiser."""
+    S, A, B = 3, 2, 32
+    agent, args = _agent(qsm, S, A, num_q=num_q)
+    batch = qsm.Batch(torch.randn(B, S), torch.rand(B, A), torch.randn(B), torch.randn(B, S), torch.ones(B))
+    seen = {}
+    agent.critic_target.register_forward_hook(lambda module, inputs, out: seen.update(next_q=out))
+    loss, metrics = qsm.critic_loss(agent.critic, agent.critic_target, agent.denoiser, agent.schedule, batch, args)
+    assert seen["next_q"].shape == (num_q, B)
+    y = batch.rewards + args.gamma * seen["next_q"].min(dim=0).values
+    q = agent.critic(batch.obs, batch.actions)
+    torch.testing.assert_close(loss, (q - y).pow(2).mean(dim=1).sum())
+    names = [f"losses/qf{i}_{kind}" for kind in ("loss", "values") for i in range(1, num_q + 1)]
+    assert sorted(k for k in metrics if k.startswith("losses/qf")) == sorted(names)
+    before = [p.detach().clone() for p in [*agent.critic.parameters(), *agent.denoiser.parameters()]]
+    metrics = qsm.train_step(agent, batch, args)
+    after = [*agent.critic.parameters(), *agent.denoiser.parameters()]
+    assert all(not torch.equal(p0, p1) for p0, p1 in zip(before, after, strict=True))
+    assert all(torch.isfinite(v) for v in metrics.values())
+
+
+def test_a_new_score_target_is_one_literal_value_and_one_case(qsm, tmp_path):
+    """The ablation of a time-weighted target, -M_q (1 - alpha_bar_t) grad_a Q, made in a copy of the file as the
+    README says: one Literal value (tyro then accepts it) and one case in qsm_loss; nothing else to edit."""
+    literal = 'score_target: Literal["paper", "denoising"] = "paper"'
+    case = '        case "paper":  # -M_q grad_a Q(s, a_t)\n'
+    new_case = f'        case "time-weighted":\n            target = (1.0 - alpha_bar) * q_term\n{case}'
+    edited = import_path(
+        edited_copy(
+            tmp_path, (literal, literal.replace('"denoising"]', '"denoising", "time-weighted"]')), (case, new_case)
+        )
+    )
+    args = tyro.cli(edited.Args, args=["--score-target", "time-weighted", "--M-q", "3", "--no-cuda"])
+    torch.manual_seed(0)
+    S, A, B = 4, 2, 64
+    den, critic, schedule = edited.Denoiser(S, A, (16,)), QuadraticCritic(S, A), edited.DiffusionSchedule("vp", 5)
+    obs = torch.randn(B, S)
+    batch = edited.Batch(obs, torch.rand(B, A) * 2 - 1, torch.zeros(B), obs, torch.ones(B))
+    torch.manual_seed(1)
+    loss, _ = edited.qsm_loss(den, critic, schedule, batch, args)
+    torch.manual_seed(1)
+    t, noise = torch.randint(0, 5, (B,)), torch.randn(B, A)  # the loss's draws, in its order
+    alpha_bar = schedule.alpha_bars_t[t].unsqueeze(-1)
+    a_t = alpha_bar.sqrt() * batch.actions + (1 - alpha_bar).sqrt() * noise
+    target = (1 - alpha_bar) * 2 * 3.0 * (a_t - critic.best_action(obs))  # -M_q (1 - alpha_bar) grad_a Q
+    torch.testing.assert_close(loss, (den(obs, a_t, t) - target).pow(2).mean())
+    with pytest.raises(ValueError, match="--score-target 'time_weighted' is unknown"):  # no fall-through to another
+        edited.qsm_loss(den, critic, schedule, batch, edited.Args(score_target="time_weighted"))
 
 
 def test_update_actor_steps_only_the_denoiser(qsm):

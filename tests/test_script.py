@@ -14,11 +14,11 @@ SCRIPT = ROOT / "qsm_continuous.py"
 SMALL = ["--critic-hidden-dims", "64", "64", "--actor-hidden-dims", "64", "64"]
 
 
-def run_script(args, cwd, timeout=900, gl="disable"):
+def run_script(args, cwd, timeout=900, gl="disable", script=SCRIPT):
     # one thread: these runs use small networks, and two runs never fight over the cores
     env = {**os.environ, "MUJOCO_GL": gl, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
     )
 
 
@@ -137,10 +137,11 @@ def test_same_seed_logs_identical_values(tmp_path):
 
 
 def test_variants_train_save_and_evaluate_end_to_end(tmp_path):
-    """Every opt-in variant at once: real updates, finite losses, evaluations and --evaluate-model with best-of-N."""
+    """Every opt-in variant at once: real updates, finite losses (3 critics), evaluations, --evaluate-model."""
     variants = ["--score-target", "denoising", "--normalize-q-grad", "--sampler-clip", "x0_hat", "--best-of-n", "4"]
+    variants += ["--num-q", "3"]
     curves = _loss_curves(tmp_path, "1", [*variants, "--save-model"])
-    assert len(set(v for _, v in curves["losses/actor_loss"])) > 1
+    assert len(set(v for _, v in curves["losses/actor_loss"])) > 1 and "losses/qf3_loss" in curves
     assert all(math.isfinite(v) for tag in curves for _, v in curves[tag])
     assert [step for step, _ in curves["eval/episodic_return"]] == [1000]
     model = only_run_dir(tmp_path) / "qsm_continuous.pt"
@@ -174,7 +175,6 @@ def test_action_repeat_counts_environment_steps(tmp_path):
     ("args", "expected"),
     [
         (["--env-id", "cheetah_run"], "--env-id 'cheetah_run' is not a dm_control task; valid ids: acrobot-swingup"),
-        (["--beta-schedule", "sigmoid"], "--beta-schedule 'sigmoid' is unknown; use one of: vp, cosine, linear"),
         (["--T", "0"], "--T must be positive, got 0"),
         (["--batch-size", "512", "--buffer-size", "100"], "--batch-size 512 exceeds --buffer-size 100"),
         (["--M-q", "-1"], "--M-q must be positive, got -1.0"),
@@ -186,8 +186,7 @@ def test_action_repeat_counts_environment_steps(tmp_path):
         (["--gamma", "1.5"], "--gamma must be in [0, 1], got 1.5"),
         (["--critic-lr", "inf"], "--critic-lr must be finite, got inf"),
         (["--buffer-size", "1000000000000"], "--buffer-size 1000000000000: the replay buffer needs 156462.2 GiB"),
-        (["--sampler-clip", "x0"], "--sampler-clip 'x0' is unknown; use one of: x_t, x0_hat, final"),
-        (["--score-target", "dsm"], "--score-target 'dsm' is unknown; use one of: paper, denoising"),
+        (["--num-q", "0"], "--num-q must be positive, got 0"),
         (["--best-of-n", "0"], "--best-of-n must be positive, got 0"),
     ],
 )
@@ -197,6 +196,22 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, expected):
     assert result.stderr.startswith(f"error: {expected}")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "choices"),
+    [("--score-target", "Paper", "paper, denoising"), ("--sampler-clip", "X_T", "x_t, x0_hat, final"),
+     ("--beta-schedule", "sigmoid", "vp, cosine, linear")],
+)  # fmt: skip
+def test_a_choice_outside_its_literal_is_refused_by_tyro(tmp_path, flag, value, choices):
+    """The choices are Literal types: tyro refuses any other value (a wrong case too) in its own error box, listing
+    them, before anything starts; --help lists them too."""
+    result = run_script([flag, value], tmp_path, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    text = " ".join(result.stderr.replace("│", " ").split())  # the box's text, unwrapped
+    assert f"invalid choice '{value}' for argument '{flag}'" in text
+    assert all(f"'{choice}'" in text for choice in choices.split(", "))
+    assert not (tmp_path / "runs").exists()
 
 
 def test_cuda_request_without_cuda(tmp_path):
@@ -260,3 +275,24 @@ def test_evaluate_model_rejects_a_non_model(tmp_path):
         f"error: --evaluate-model {tmp_path}/junk.pt: no readable checkpoint or --save-model file at {tmp_path}/junk.pt"
     )
     assert result.stderr.count("\n") == 1
+
+
+def test_no_function_reads_a_name_that_only_the_main_block_defines():
+    """Every global name a function or method reads is defined outside `if __name__ == "__main__":` (a builtin, an
+    import, a def or an assignment), so importing the module and calling its functions works as running it does."""
+    import builtins
+    import symtable
+
+    source = SCRIPT.read_text().split('\nif __name__ == "__main__":')[0]
+    module = symtable.symtable(source, str(SCRIPT), "exec")
+    defined = {s.get_name() for s in module.get_symbols() if s.is_assigned() or s.is_imported()}
+
+    def functions(table):
+        for child in table.get_children():
+            if child.get_type() == "function":  # a str, or a StrEnum from Python 3.13 on
+                yield child
+            yield from functions(child)
+
+    missing = {(f.get_name(), name) for f in functions(module) for name in f.get_globals()}
+    missing = {(f, name) for f, name in missing if name not in defined and not hasattr(builtins, name)}
+    assert not missing, missing
