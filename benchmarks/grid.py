@@ -24,31 +24,39 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SCRIPT = os.path.join(ROOT, "qsm_continuous.py")
 PAPER_TASKS = ["cheetah-run", "walker-walk", "walker-run", "hopper-hop", "quadruped-walk", "humanoid-walk"]
-# Reference returns (DMC, state observations) at 500k and 1M environment steps, from ../shared/reference/qsm_facts.md.
-# SAC: TD-MPC2's published baseline result files (3 seeds). TD3: a public Spinning Up benchmark on DMC (8 seeds).
-REFERENCES = {
-    "cheetah-run": {"SAC": (595, 730), "TD3": (542, 596)},
-    "walker-walk": {"SAC": (953, 957)},
-    "walker-run": {"SAC": (604, 635), "TD3": (486, 531)},
-    "quadruped-walk": {"SAC": (199, 455), "TD3": (361, 362)},
-    "hopper-hop": {"SAC": (38, 70), "TD3": (15, 17)},
-    "reacher-hard": {"SAC": (517, 928)},
-    "finger-spin": {"SAC": (873, 878), "TD3": (766, 784)},
-    "humanoid-walk": {"SAC": (1, 2)},
+# SAC at equal steps: the eval return of seeds 1, 2, 3 at 0 and 100k environment steps in TD-MPC2's published
+# results/sac/{task}.csv (github.com/nicklashansen/tdmpc2; points every 100k). Best published at 100k: the methods' own
+# result files (../shared/reference/qsm_facts.md).
+SAC = {
+    "cheetah-run": {0: (0.1, 0.1, 0.1), 100_000: (362.4, 236.9, 331.1)},
+    "walker-walk": {0: (21.9, 21.7, 18.6), 100_000: (917.8, 509.6, 697.1)},
+    "walker-run": {0: (21.4, 21.2, 18.2), 100_000: (367.8, 355.7, 295.2)},
+    "quadruped-walk": {0: (51.5, 209.6, 198.4), 100_000: (59.6, 19.6, 86.5)},
+    "hopper-hop": {0: (0.1, 0.0, 0.0), 100_000: (0.0, 0.0, 0.0)},
+    "humanoid-walk": {0: (0.9, 0.8, 0.8), 100_000: (0.9, 1.4, 1.0)},
 }
-SOURCES = "SAC: TD-MPC2's published result files (3 seeds); TD3: a public Spinning Up benchmark on DMC (8 seeds)"
+BEST_100K = {
+    "cheetah-run": "648 (MR.Q)",
+    "walker-walk": "967 (BRO)",
+    "walker-run": "723 (TD-MPC2)",
+    "quadruped-walk": "906 (SimbaV2)",
+    "hopper-hop": "176 (SimbaV2)",
+    "humanoid-walk": "34 (SimbaV2)",
+}
+SOURCES = "SAC: TD-MPC2's published result files (3 seeds); best published: the methods' own result files"
 # At the study's step counts (the saturation issue): SAC at 100k (TD-MPC2's files), the best published at 100k/30k.
 EARLY_REFERENCES = {"cheetah-run": {"SAC @100k": 310, "MR.Q @100k": 648},
                     "walker-walk": {"SAC @100k": 708, "BRO @100k": 967},
                     "cartpole-swingup": {"MR.Q/BRO @25-30k": 414}}  # fmt: skip
+NEAR_BOUND, MODE_BANDWIDTH, MODE_PROMINENCE = 0.05, 0.1, 0.2  # the probe statistics' parameters (README, Results)
 
 
 def fail(message):
@@ -77,7 +85,10 @@ def parse(argv):
 
 
 def valid_env_ids():
-    import qsm_continuous as qsm  # imports dm_control: only when needed
+    try:
+        import qsm_continuous as qsm  # imports dm_control: only when needed
+    except ImportError as error:
+        fail(f"{error}: activate the project's environment first (README, Setup: pip install -r requirements.txt)")
 
     return qsm.ENV_IDS
 
@@ -95,39 +106,45 @@ def command(opts, env_id, seed):
 
 
 def run_local(opts, tasks):
+    """Runs the tasks, --workers at a time, each pinned to its own share of the cores. One thread starts and reaps
+    every run (pinning in preexec_fn is safe only in a process without other threads). Returns the failures."""
     cores = sorted(os.sched_getaffinity(0))
     workers = min(opts.workers, len(tasks))
     share = max(1, len(cores) // workers)
     free = [cores[i * share : (i + 1) * share] or cores for i in range(workers)]  # one core set per worker
-    lock = threading.Lock()
     os.makedirs(os.path.join(opts.out, "runs"), exist_ok=True)
-
-    def one(task):
-        env_id, seed = task
-        with lock:
-            my_cores = free.pop()
-        try:
-            cmd = command(opts, env_id, seed)
+    print(f"{len(tasks)} runs, {workers} at a time, {share} core(s) each; logs in {opts.out}/runs/", flush=True)
+    pending, running, failed = list(tasks), [], 0
+    while pending or running:
+        while pending and free:
+            env_id, seed = pending.pop(0)
+            my_cores, cmd = free.pop(), command(opts, env_id, seed)
             log = os.path.join(opts.out, "runs", f"{env_id}__seed{seed}.log")  # beside the run's TensorBoard dir
             threads = str(len(my_cores))
             env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TQDM_DISABLE": "1"}
-            start = time.time()
             with open(log, "a") as f:
-                f.write(f"$ {shlex.join(cmd)}  # cores {my_cores}\n")
+                f.write(f"$ {shlex.join(logged_command(cmd))}  # cores {my_cores}\n")
                 f.flush()
-                proc = subprocess.run(cmd, cwd=opts.out, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                      preexec_fn=lambda: os.sched_setaffinity(0, my_cores))  # fmt: skip
-            status = "done" if proc.returncode == 0 else f"FAILED (status {proc.returncode}, see {log})"
+                proc = subprocess.Popen(cmd, cwd=opts.out, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                        preexec_fn=lambda cores=my_cores: os.sched_setaffinity(0, cores))  # fmt: skip
+            running.append((proc, env_id, seed, my_cores, log, time.time()))
+        time.sleep(1.0)
+        for item in [item for item in running if item[0].poll() is not None]:
+            proc, env_id, seed, my_cores, log, start = item
+            running.remove(item)
+            free.append(my_cores)
+            with open(log) as f:  # a signal ends a run with status 0 after a checkpoint: not done
+                stopped = "checkpoint written to" in f.read()[-2000:]
+            failed += proc.returncode != 0 or stopped
+            status = "stopped by a signal; run the same command again to resume it" if stopped else "done"
+            status = status if proc.returncode == 0 else f"FAILED (status {proc.returncode}, see {log})"
             print(f"{env_id} seed {seed}: {status} in {time.time() - start:.0f} s", flush=True)
-            return proc.returncode
-        finally:
-            with lock:
-                free.append(my_cores)
+    return failed
 
-    print(f"{len(tasks)} runs, {workers} at a time, {share} core(s) each; logs in {opts.out}/runs/", flush=True)
-    with ThreadPoolExecutor(workers) as pool:
-        codes = list(pool.map(one, tasks))
-    return sum(code != 0 for code in codes)
+
+def logged_command(cmd):
+    """The command as run logs record it: the script relative to the repository, Python as `python`."""
+    return ["python", os.path.relpath(cmd[1], ROOT), *cmd[2:]]
 
 
 def sbatch_script(opts, tasks):
@@ -173,19 +190,49 @@ def read_run(acc):
     return evals, sps
 
 
+def histogram_points(h):
+    """A TensorBoard histogram as (values, counts): the probe's 0.01-wide buckets at their centres; TensorBoard's
+    default uneven buckets (runs before 8b38e17) at their limits, the one holding the minimum at the minimum."""
+    limits, counts = np.array(h.bucket_limit), np.array(h.bucket, dtype=float)
+    if len(limits) > 1 and np.allclose(np.diff(limits), 0.01, atol=1e-6):
+        return limits - 0.005, counts
+    lower = [-math.inf, *limits[:-1]]
+    return np.array(
+        [h.min if lo < h.min <= hi else min(hi, h.max) for lo, hi in zip(lower, limits, strict=True)]
+    ), counts
+
+
+def near_bounds(values, counts, within=NEAR_BOUND):
+    """The share of the samples within `within` of -1 or +1."""
+    return counts[np.abs(values) >= 1.0 - within].sum() / counts.sum()
+
+
+def count_modes(values, counts, bandwidth=MODE_BANDWIDTH, min_prominence=MODE_PROMINENCE):
+    """The modes of a distribution on [-1, 1] given as (value, count) points: the local maxima of its Gaussian kernel
+    density estimate (bandwidth in action units, on a grid of step 0.01, zero outside [-1, 1] so that a pile of
+    samples at a bound is a mode) that rise at least min_prominence of the highest maximum above their surroundings
+    (scipy's topographic prominence)."""
+    from scipy.signal import find_peaks
+
+    grid = np.linspace(-1.0, 1.0, 201)
+    density = (counts * np.exp(-0.5 * ((grid[:, None] - values) / bandwidth) ** 2)).sum(axis=1)
+    peaks, _ = find_peaks(np.pad(density, 1), prominence=min_prominence * density.max())
+    return len(peaks)
+
+
+def probe_stats(acc):
+    """Per action component at the run's last evaluation: (step, [share near +-1], [number of modes])."""
+    tags = sorted((t for t in acc.Tags()["histograms"] if t.startswith("eval/action_dim_")), key=lambda t: int(t[16:]))
+    events = [acc.Histograms(tag)[-1] for tag in tags]
+    points = [histogram_points(event.histogram_value) for event in events]
+    step = events[-1].step if events else None
+    return step, [near_bounds(*p) for p in points], [count_modes(*p) for p in points]
+
+
 def probe_saturation(acc):
-    """The share of the probe state's 1,000 sampled action components within 0.09 of +-1 (last evaluation): the
-    resolution of TensorBoard's histogram buckets there, (-1.009, -0.917] and (0.917, 1.009]."""
-    tags = [t for t in acc.Tags()["histograms"] if t.startswith("eval/action_dim_")]
-    if not tags:
-        return float("nan")
-    at_bound = total = 0.0
-    for tag in tags:
-        h = acc.Histograms(tag)[-1].histogram_value
-        lower = [h.min, *h.bucket_limit[:-1]]  # bucket i holds values in (lower_i, limit_i]
-        at_bound += sum(c for lo, hi, c in zip(lower, h.bucket_limit, h.bucket, strict=True) if hi < -0.9 or lo > 0.9)
-        total += h.num
-    return at_bound / total
+    """The share of the probe state's sampled action components near +-1 (last evaluation), over all components."""
+    _, shares, _ = probe_stats(acc)
+    return statistics.fmean(shares) if shares else float("nan")
 
 
 def variant_flags(command):
@@ -281,46 +328,107 @@ def mean_std(values):
     return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
+def iqm_ci(scores):
+    """The interquartile mean of a (runs x tasks) score matrix and its 95% stratified-bootstrap confidence interval
+    (rliable, 50,000 resamples of the runs within each task, a fixed seed): (iqm, low, high)."""
+    from rliable import library, metrics
+
+    point, interval = library.get_interval_estimates({"x": np.asarray(scores, dtype=float)},
+                                                     lambda x: np.array([metrics.aggregate_iqm(x)]), reps=50_000,
+                                                     random_state=np.random.RandomState(0))  # fmt: skip
+    return point["x"][0], interval["x"][0, 0], interval["x"][1, 0]
+
+
 def summarize(out):
-    runs, accumulators = {}, {}
+    """DIR/runs/*: per task the eval return over seeds at each evaluation and at the last step every seed reached,
+    SAC at the same step, the IQM over the tasks with 3+ seeds, and the probe state's share near +-1 and modes."""
+    runs, probes = {}, []
     for run_dir in sorted(glob.glob(os.path.join(out, "runs", "*__*__*__*"))):
         if not os.path.isdir(run_dir):
             continue
         env_id, _, seed, _ = os.path.basename(run_dir).rsplit("__", 3)
-        accumulators[run_dir] = load_run(run_dir)
-        evals, sps = read_run(accumulators[run_dir])
-        if evals:
-            runs.setdefault(env_id, {})[int(seed)] = (evals, sps)
+        acc = load_run(run_dir)
+        evals, sps = read_run(acc)
+        if not evals:
+            continue
+        step, shares, modes = probe_stats(acc)
+        runs.setdefault(env_id, {})[int(seed)] = (dict(evals), sps, shares, modes)
+        probes += [{"env_id": env_id, "seed": seed, "step": step, "action_dim": dim, "near_bounds": share,
+                    "modes": n} for dim, (share, n) in enumerate(zip(shares, modes, strict=True))]  # fmt: skip
+        plot_actions(out, run_dir, acc)
     if not runs:
         fail(f"no runs with evaluations under {out}/runs/")
-    rows = []
-    for env_id, seeds in runs.items():
-        final = [evals[-1][1] for evals, _ in seeds.values()]
-        best = [max(v for _, v in evals) for evals, _ in seeds.values()]
-        sps = [statistics.median(s) for _, s in seeds.values() if s]
+    rows, curves = [], []
+    for env_id, seeds in sorted(runs.items()):
+        steps = min(max(evals) for evals, *_ in seeds.values())  # the last step that every seed reached
+        common = sorted(set.intersection(*(set(evals) for evals, *_ in seeds.values())))
+        for step in common:
+            mean, std = mean_std([evals[step] for evals, *_ in seeds.values()])
+            curves.append({"env_id": env_id, "step": step, "seeds": len(seeds), "mean": mean, "std": std})
+        sac = SAC.get(env_id, {}).get(steps)
+        modes = [n for *_, ms in seeds.values() for n in ms]
+        sps = [statistics.median(s) for _, s, *_ in seeds.values() if s]
         rows.append({
-            "env_id": env_id, "seeds": " ".join(map(str, sorted(seeds))),
-            "final_mean": mean_std(final)[0], "final_std": mean_std(final)[1],
-            "best_mean": mean_std(best)[0], "best_std": mean_std(best)[1],
-            "steps": min(evals[-1][0] for evals, _ in seeds.values()),
-            "sps": statistics.median(sps) if sps else float("nan"),
+            "env_id": env_id, "seeds": " ".join(map(str, sorted(seeds))), "steps": steps,
+            "final_mean": mean_std([evals.get(steps, math.nan) for evals, *_ in seeds.values()])[0],
+            "final_std": mean_std([evals.get(steps, math.nan) for evals, *_ in seeds.values()])[1],
+            "sac_mean": mean_std(sac)[0] if sac else math.nan, "sac_std": mean_std(sac)[1] if sac else math.nan,
+            "best_published_100k": BEST_100K.get(env_id, "-"),
+            "near_bounds": statistics.fmean(s for *_, shares, _ in seeds.values() for s in shares or [math.nan]),
+            "modes_mean": statistics.fmean(modes) if modes else math.nan,
+            "multimodal": sum(n > 1 for n in modes) / len(modes) if modes else math.nan,
+            "sps": statistics.median(sps) if sps else math.nan,
         })  # fmt: skip
     write_csv(os.path.join(out, "results.csv"), rows)
-    lines = ["| task | seeds | steps | final eval return | best eval return | train steps/s | SAC 500k / 1M "
-             "| TD3 500k / 1M |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    write_csv(os.path.join(out, "curves.csv"), curves)
+    if probes:
+        write_csv(os.path.join(out, "probes.csv"), probes)
+    lines = ["| task | seeds | steps | QSM eval return | SAC, same step | best published @100k | probe: near ±1 | "
+             "probe: modes per action | components with 2+ modes | train steps/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        ref = REFERENCES.get(r["env_id"], {})
-        sac, td3 = (" / ".join(map(str, ref[k])) if k in ref else "-" for k in ("SAC", "TD3"))
+        sac = f"{r['sac_mean']:.0f} ± {r['sac_std']:.0f}" if not math.isnan(r["sac_mean"]) else "-"
         lines.append(f"| {r['env_id']} | {r['seeds']} | {r['steps']} | {r['final_mean']:.1f} ± {r['final_std']:.1f} | "
-                     f"{r['best_mean']:.1f} ± {r['best_std']:.1f} | {r['sps']:.1f} | {sac} | {td3} |")  # fmt: skip
-    lines += ["", "Mean ± std over seeds of the last and the best evaluation (5 episodes each by default).",
+                     f"{sac} | {r['best_published_100k']} | {r['near_bounds']:.0%} | {r['modes_mean']:.2f} | "
+                     f"{r['multimodal']:.0%} | {r['sps']:.1f} |")  # fmt: skip
+    lines += ["", aggregate_line(runs, rows), "", "Learning curves, mean ± std over seeds:", ""]
+    steps = sorted({c["step"] for c in curves})
+    lines += ["| task | " + " | ".join(f"{s // 1000}k" if s % 1000 == 0 else str(s) for s in steps) + " |",
+              "|---|" + "---|" * len(steps)]  # fmt: skip
+    for env_id in sorted(runs):
+        at = {c["step"]: f"{c['mean']:.0f} ± {c['std']:.0f}" for c in curves if c["env_id"] == env_id}
+        lines.append(f"| {env_id} | " + " | ".join(at.get(s, "") for s in steps) + " |")
+    lines += ["", "Eval return: mean ± std (population) over seeds at the last step that every seed of the task "
+              "reached (5 episodes per evaluation by default). Probe: 1,000 actions sampled at the task's fixed "
+              f"initial state at each run's last evaluation; near ±1: within {NEAR_BOUND} of a bound; modes: local "
+              f"maxima of a Gaussian kernel density estimate (bandwidth {MODE_BANDWIDTH}) with a prominence of at "
+              f"least {MODE_PROMINENCE:.0%} of the highest, per action component, averaged over components and seeds.",
               f"References: {SOURCES}.", ""]  # fmt: skip
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines))
     plot(out, runs)
-    pictures = [plot_actions(out, run_dir, acc) for run_dir, acc in accumulators.items()]
     print("\n".join(lines))
-    print(f"wrote {out}/results.md, {out}/results.csv, {out}/curves.png and {sum(map(bool, pictures))} actions_*.png")
+    print(f"wrote {out}/results.md, results.csv, curves.csv, probes.csv, curves.png and actions_*.png")
+
+
+def aggregate_line(runs, rows):
+    """The IQM of the normalised score (return / 1000) over the tasks with 3+ seeds, at their common last step, with
+    its 95% confidence interval, and SAC's on the same tasks at the same step."""
+    final = {r["env_id"]: r["steps"] for r in rows}
+    tasks = [env_id for env_id, seeds in sorted(runs.items()) if len(seeds) >= 3]
+    if not tasks or len({final[env_id] for env_id in tasks}) > 1:
+        return "Aggregate: needs a task with 3 or more seeds (every such task at the same last step)."
+    step = final[tasks[0]]
+    qsm = [[runs[env_id][sorted(runs[env_id])[i]][0][step] / 1000 for env_id in tasks] for i in range(3)]
+    line = (
+        f"Aggregate at step {step} over {', '.join(tasks)} (3 seeds each): IQM of the normalised score (return / 1000)"
+    )
+    line += " QSM {:.3f} [{:.3f}, {:.3f}]".format(*iqm_ci(qsm))
+    if all(step in SAC.get(env_id, {}) for env_id in tasks):
+        line += ", SAC {:.3f} [{:.3f}, {:.3f}]".format(
+            *iqm_ci([[SAC[e][step][i] / 1000 for e in tasks] for i in range(3)])
+        )
+    return line + " (95% stratified-bootstrap confidence intervals, rliable)."
 
 
 def plot_actions(out, run_dir, acc):
@@ -369,6 +477,8 @@ def write_csv(path, rows):
 
 
 def plot(out, runs):
+    """Eval return against environment steps per task: QSM's mean and min-max band over seeds, and SAC's seeds at the
+    same steps (mean, min-max bar)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -378,17 +488,24 @@ def plot(out, runs):
     cols = min(n, 3)
     fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(5 * cols, 3.6 * math.ceil(n / cols)), squeeze=False)
     for ax, (env_id, seeds) in zip(axes.flat, sorted(runs.items()), strict=False):
-        plot_seeds(ax, [evals for evals, _ in seeds.values()], "C0", f"QSM (this code), {len(seeds)} seed(s)", 0.25)
-        for k, (name, (at500k, at1m)) in enumerate(REFERENCES.get(env_id, {}).items()):
-            ax.axhline(at500k, color=f"C{k + 1}", linestyle="--", label=f"{name} @500k: {at500k}")
-            ax.axhline(at1m, color=f"C{k + 1}", linestyle=":", label=f"{name} @1M: {at1m}")
+        last = max(max(evals) for evals, *_ in seeds.values())
+        plot_seeds(
+            ax, [sorted(evals.items()) for evals, *_ in seeds.values()], "C0", f"QSM, {len(seeds)} seed(s)", 0.25
+        )
+        sac = {step: values for step, values in SAC.get(env_id, {}).items() if step <= last}
+        if sac:
+            steps, values = list(sac), [np.array(v) for v in sac.values()]
+            means = np.array([v.mean() for v in values])
+            spread = np.clip([means - [v.min() for v in values], [v.max() for v in values] - means], 0.0, None)
+            ax.errorbar(steps, means, yerr=spread, fmt="s", color="C3", capsize=3, label="SAC, 3 seeds (TD-MPC2)")
         ax.set(title=env_id, xlabel="environment steps", ylabel="eval return", ylim=(0, 1000))
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper left")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle(f"mean and min-max over seeds; dashed/dotted: {SOURCES}", fontsize=8)
+    fig.suptitle("QSM: mean and min-max over seeds; SAC: TD-MPC2's result files at the same steps", fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=120)
+    plt.close(fig)
 
 
 def main(argv):

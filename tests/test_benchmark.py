@@ -20,7 +20,11 @@ def bench(*args, timeout=600):
                           timeout=timeout, env=env)  # fmt: skip
 
 
-def fake_run(out, env_id, seed, evals, sps):
+PROBE_BINS = np.linspace(-1.0, 1.0, 201)  # the script's probe histogram
+
+
+def fake_run(out, env_id, seed, evals, sps, probe=None, bins=PROBE_BINS):
+    """A run's TensorBoard file: eval returns, SPS and, at the last evaluation, the probe samples of 2 action dims."""
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(out / "runs" / f"{env_id}__qsm_continuous__{seed}__1700000000"))
@@ -28,31 +32,90 @@ def fake_run(out, env_id, seed, evals, sps):
         writer.add_scalar("eval/episodic_return", value, step)
     for i, value in enumerate(sps):
         writer.add_scalar("charts/SPS", value, 100 * (i + 1))
+    probe = np.r_[np.full(700, -1.0), np.full(300, 0.5)] if probe is None else probe
     for dim in range(2):
-        writer.add_histogram(f"eval/action_dim_{dim}", np.r_[np.full(700, -1.0), np.full(300, 0.5)], evals[-1][0])
+        writer.add_histogram(f"eval/action_dim_{dim}", probe, evals[-1][0], bins=bins)
     writer.close()
 
 
 def test_summary_of_synthetic_runs(tmp_path):
-    fake_run(tmp_path, "cheetah-run", 1, [(1000, 100.0), (2000, 300.0)], [10.0, 30.0])
-    fake_run(tmp_path, "cheetah-run", 2, [(1000, 600.0), (2000, 500.0)], [20.0])
-    fake_run(tmp_path, "walker-walk", 1, [(1000, 50.0)], [])
+    """Per task: mean ± std over seeds at the last step all seeds reached and at every evaluation, SAC's three seeds at
+    the same step, the probe's share near ±1 and modes; over the tasks with 3 seeds, the IQM with its 95% CI."""
+    for seed, (final, sps) in enumerate([(300.0, [10.0, 30.0]), (500.0, [20.0]), (400.0, [20.0])], start=1):
+        fake_run(tmp_path, "cheetah-run", seed, [(50_000, 100.0 * seed), (100_000, final)], sps)
+    for seed in (1, 2, 3):  # every seed 800: a degenerate bootstrap, the interval collapses on the point
+        fake_run(tmp_path, "walker-walk", seed, [(50_000, 200.0), (100_000, 800.0)], [10.0], bins="tensorflow")
+    fake_run(tmp_path, "hopper-hop", 1, [(50_000, 5.0)], [], probe=np.random.default_rng(0).normal(0.2, 0.1, 1000))
     result = bench("summary", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {row["env_id"]: row for row in csv.DictReader(open(tmp_path / "results.csv"))}
     cheetah = rows["cheetah-run"]
-    # final: 300 and 500 -> 400 +- 100 (population std); best: 300 and 600 -> 450 +- 150; SPS: median of medians 20, 20
-    assert float(cheetah["final_mean"]) == 400 and float(cheetah["final_std"]) == 100
-    assert float(cheetah["best_mean"]) == 450 and float(cheetah["best_std"]) == 150
-    assert cheetah["seeds"] == "1 2" and cheetah["steps"] == "2000" and float(cheetah["sps"]) == 20
-    assert float(rows["walker-walk"]["final_mean"]) == 50 and rows["walker-walk"]["seeds"] == "1"
+    assert float(cheetah["final_mean"]) == 400 and float(cheetah["final_std"]) == pytest.approx(81.6497, abs=1e-3)
+    assert cheetah["seeds"] == "1 2 3" and cheetah["steps"] == "100000" and float(cheetah["sps"]) == 20
+    assert float(cheetah["sac_mean"]) == pytest.approx((362.4 + 236.9 + 331.1) / 3)  # TD-MPC2's seeds at 100k
+    assert float(cheetah["near_bounds"]) == pytest.approx(0.7) and float(cheetah["modes_mean"]) == 2  # -1 and 0.5
+    assert float(rows["walker-walk"]["near_bounds"]) == pytest.approx(0.7)  # TensorBoard's default buckets too
+    assert float(rows["walker-walk"]["modes_mean"]) == 2
+    hopper = rows["hopper-hop"]
+    assert hopper["steps"] == "50000" and hopper["sac_mean"] == "nan" and float(hopper["modes_mean"]) == 1
     table = (tmp_path / "results.md").read_text()
-    assert "| cheetah-run | 1 2 | 2000 | 400.0 ± 100.0 | 450.0 ± 150.0 | 20.0 | 595 / 730 | 542 / 596 |" in table
-    assert "TD-MPC2's published result files" in table and "Spinning Up" in table
+    assert "| cheetah-run | 1 2 3 | 100000 | 400.0 ± 81.6 | 310 ± 53 | 648 (MR.Q) | 70% | 2.00 | 100% | 20.0 |" in table
+    # IQM of [0.3, 0.5, 0.4, 0.8, 0.8, 0.8]: trim 1 of 6 at each end -> mean(0.4, 0.5, 0.8, 0.8) = 0.625
+    (aggregate,) = [line for line in table.splitlines() if line.startswith("Aggregate")]
+    assert "over cheetah-run, walker-walk (3 seeds each)" in aggregate and "QSM 0.625 [" in aggregate
+    low, high = (float(x) for x in re.search(r"QSM 0.625 \[([\d.]+), ([\d.]+)\]", aggregate).groups())
+    assert 0.3 <= low < 0.625 < high <= 0.8
+    sac = sorted([362.4, 236.9, 331.1, 917.8, 509.6, 697.1])[1:-1]
+    assert f"SAC {sum(sac) / 4000:.3f} [" in aggregate
+    assert "| cheetah-run | 200 ± 82 | 400 ± 82 |" in table  # the curve: 100, 200, 300 at 50k
+    curves = list(csv.DictReader(open(tmp_path / "curves.csv")))
+    assert [(c["env_id"], c["step"]) for c in curves][:2] == [("cheetah-run", "50000"), ("cheetah-run", "100000")]
+    probes = list(csv.DictReader(open(tmp_path / "probes.csv")))
+    assert len(probes) == 14 and {p["modes"] for p in probes} == {"1", "2"}
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    pictures = sorted(p.name for p in tmp_path.glob("actions_*.png"))  # one action-distribution picture per run
-    assert pictures == [f"actions_{e}__qsm_continuous__{s}__1700000000.png" for e, s in
-                        [("cheetah-run", 1), ("cheetah-run", 2), ("walker-walk", 1)]]  # fmt: skip
+    assert len(list(tmp_path.glob("actions_*.png"))) == 7  # one action-distribution picture per run
+
+
+def test_a_single_seed_task_has_no_aggregate(tmp_path):
+    fake_run(tmp_path, "cheetah-run", 1, [(1000, 100.0)], [])
+    result = bench("summary", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Aggregate: needs a task with 3 or more seeds" in (tmp_path / "results.md").read_text()
+
+
+def known_modes(name, rng):
+    """1,000 samples of a distribution whose modes are known, clipped to [-1, 1] as the sampler's output is."""
+
+    def bumps(centres, scale=0.1):  # Gaussian bumps of equal mass
+        return np.concatenate([rng.normal(c, scale, 1000 // len(centres)) for c in centres])
+
+    samples = {
+        "one bump": lambda: bumps([0.3]),
+        "two bumps": lambda: bumps([-0.5, 0.5]),
+        "three bumps": lambda: bumps([-0.6, 0.0, 0.6], scale=0.08),
+        "bang-bang": lambda: np.r_[np.full(500, -1.0), np.full(500, 1.0)],
+        "bound and bump": lambda: np.r_[np.full(700, 1.0), rng.normal(-0.4, 0.1, 300)],
+        "broad": lambda: rng.normal(0.0, 0.4, 1000),
+        "saturated": lambda: np.r_[np.full(950, -1.0), rng.uniform(-1, 1, 50)],
+    }[name]()
+    return np.clip(samples, -1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("one bump", 1), ("two bumps", 2), ("three bumps", 3), ("bang-bang", 2), ("bound and bump", 2), ("broad", 1),
+     ("saturated", 1)],
+)  # fmt: skip
+def test_mode_counter_on_samples_with_known_modes(name, expected):
+    """The mode counter on 1,000 samples, as raw points and through the probe's 0.01 histogram, over 5 draws each."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import grid
+
+    for seed in range(5):
+        samples = known_modes(name, np.random.default_rng(seed))
+        assert grid.count_modes(samples, np.ones_like(samples)) == expected, (name, seed, "raw")
+        counts, edges = np.histogram(samples, bins=PROBE_BINS)
+        assert grid.count_modes(edges[1:] - 0.005, counts) == expected, (name, seed, "histogram")
 
 
 def test_study_summary_compares_variant_directories(tmp_path):
@@ -126,10 +189,34 @@ def test_local_grid_runs_seeds_in_parallel_and_summarises(tmp_path):
     assert "2 runs, 2 at a time, 1 core(s) each" in result.stdout
     logs = sorted(p.name for p in (tmp_path / "runs").glob("*.log"))
     assert logs == ["cartpole-balance__seed1.log", "cartpole-balance__seed2.log"]
+    first = (tmp_path / "runs" / logs[0]).read_text().splitlines()[0]  # paths relative to the repository
+    assert first.startswith("$ python qsm_continuous.py --env-id cartpole-balance --seed 1 --total-timesteps 600")
     assert len([p for p in (tmp_path / "runs").iterdir() if p.is_dir()]) == 2
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert len(rows) == 1 and rows[0]["seeds"] == "1 2" and rows[0]["steps"] == "600"
     assert (tmp_path / "results.md").exists() and (tmp_path / "curves.png").exists()
+
+
+def test_a_run_stopped_by_a_signal_is_not_reported_done(tmp_path, monkeypatch, capsys):
+    """A signal ends a run with status 0 after a checkpoint: the grid reads its log, says it stopped and counts it."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import grid
+
+    class StoppedRun:  # what the script does on SIGTERM: a checkpoint, one line, status 0
+        def __init__(self, cmd, stdout, **kwargs):
+            stdout.write("SIGTERM at step 300: checkpoint written to runs/x/checkpoint.pt; continue with ...\n")
+            self.returncode = 0
+
+        def poll(self):
+            return self.returncode
+
+    monkeypatch.setattr(grid.subprocess, "Popen", StoppedRun)
+    opts = grid.parse(["--env-ids", "cartpole-balance", "--seeds", "1", "--workers", "1", "--out", str(tmp_path)])
+    assert grid.run_local(opts, [("cartpole-balance", 1)]) == 1
+    assert (
+        "cartpole-balance seed 1: stopped by a signal; run the same command again to resume it"
+        in capsys.readouterr().out
+    )
 
 
 @pytest.mark.parametrize(
@@ -185,3 +272,18 @@ def test_speed_ratios_are_medians_of_same_round_ratios(capsys):
     assert rows["old.py", "cheetah-run", "compile"][-2:] == ["1.20x", "1.00x"]  # vs eager: 1.2, 1.2, 1.3
     assert rows["new.py", "cheetah-run", "eager"][-2:] == ["1.00x", "1.00x"]  # vs old: 1.1, 0.95, 1.0
     assert rows["new.py", "cheetah-run", "compile"][-2:] == ["1.20x", "1.04x"]  # 1.18, 1.32, 1.2; 1.08, 1.04, 0.92
+
+
+def test_the_readme_results_are_what_the_summary_computes_from_the_committed_runs(tmp_path):
+    """docs/results/results.md is the summary of the committed TensorBoard files, rebuilt here from a copy of them;
+    every row of the README's results table is one of its rows, word for word."""
+    import shutil
+
+    shutil.copytree(ROOT / "docs" / "results" / "runs", tmp_path / "runs")
+    result = bench("summary", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rebuilt = (tmp_path / "results.md").read_text()
+    assert rebuilt == (ROOT / "docs" / "results" / "results.md").read_text()
+    readme = (ROOT / "README.md").read_text().split("## Results")[1].split("\n## ")[0]
+    rows = [line for line in readme.splitlines() if line.startswith("| ") and not line.startswith("| task")]
+    assert rows and all(row in rebuilt.splitlines() for row in rows), rows
