@@ -545,7 +545,8 @@ def load_checkpoint(path: str, flag: str) -> tuple[str, dict]:
     file = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
     try:  # weights_only: loading runs no pickled code
         state = torch.load(file, map_location="cpu", weights_only=True)
-        return file, state | {"args": Args(**state["args"])}
+        fields = {name: value for name, value in state["args"].items() if name in Args.__dataclass_fields__}
+        return file, state | {"args": Args(**fields)}  # without flags removed since (--torch-deterministic)
     except Exception as error:  # missing, truncated, corrupt or not one of this script's files
         fail(f"{flag} {path}: no readable checkpoint or --save-model file at {file} ({type(error).__name__})")
 

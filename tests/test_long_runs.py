@@ -237,3 +237,11 @@ def test_track_without_network_falls_back_to_offline(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "wandb: no network; logging offline to ./wandb (upload later: wandb sync --sync-all)" in result.stderr
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_a_checkpoint_with_a_flag_removed_since_still_loads(qsm, tmp_path):
+    """Files saved before a flag was removed (the no-op --torch-deterministic) load with today's Args."""
+    state = {"args": vars(qsm.Args(env_id="walker-walk", cuda=False)) | {"torch_deterministic": True}}
+    torch.save(state, tmp_path / "old.pt")
+    file, loaded = qsm.load_checkpoint(str(tmp_path / "old.pt"), "--evaluate-model")
+    assert file == str(tmp_path / "old.pt") and loaded["args"].env_id == "walker-walk"
