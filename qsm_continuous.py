@@ -672,9 +672,8 @@ def start_wandb(args: Args, run_name: str, wandb_id: str | None):
             socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), 3.0).close()
         except OSError:
             os.environ["WANDB_MODE"] = "offline"
-            print(
-                "wandb: no network; logging offline to ./wandb (upload later: wandb sync --sync-all)", file=sys.stderr
-            )
+            print("wandb: no network; logging offline to ./wandb (upload later: wandb sync --sync-all)",
+                  file=sys.stderr)  # fmt: skip
     return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                       config=vars(args), name=run_name, save_code=True, id=wandb_id, resume="allow")  # fmt: skip
 
@@ -770,8 +769,8 @@ if __name__ == "__main__":
         obs, episode_return, episode_length, last_return = restore(saved, agent, args, rb, env)
         start, last_checkpoint = saved["global_step"], f"{checkpoint} (step {saved['global_step']})"
         print(f"resumed {run_dir} at step {start}", file=sys.stderr)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
     finite, metrics = torch.ones((), dtype=torch.bool, device=device), {}  # all losses and Q values since the check
     if saved and start % args.eval_interval < args.action_repeat:  # the purge dropped this step's evaluation: redo it
         evaluate_and_log(agent, args, eval_envs, probe_obs, writer, start)

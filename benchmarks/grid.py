@@ -196,10 +196,9 @@ def histogram_points(h):
     limits, counts = np.array(h.bucket_limit), np.array(h.bucket, dtype=float)
     if len(limits) > 1 and np.allclose(np.diff(limits), 0.01, atol=1e-6):
         return limits - 0.005, counts
-    lower = [-math.inf, *limits[:-1]]
-    return np.array(
-        [h.min if lo < h.min <= hi else min(hi, h.max) for lo, hi in zip(lower, limits, strict=True)]
-    ), counts
+    lower = [-math.inf, *limits[:-1]]  # bucket i holds (lower_i, limit_i]: (-1.009, -0.917] of actions at -1 is at -1
+    values = [h.min if lo < h.min <= hi else min(hi, h.max) for lo, hi in zip(lower, limits, strict=True)]
+    return np.array(values), counts
 
 
 def near_bounds(values, counts, within=NEAR_BOUND):
@@ -220,10 +219,15 @@ def count_modes(values, counts, bandwidth=MODE_BANDWIDTH, min_prominence=MODE_PR
     return len(peaks)
 
 
+def probe_histograms(acc):
+    """The probe's histogram events at the run's last evaluation, one per action component, in component order."""
+    tags = sorted((t for t in acc.Tags()["histograms"] if t.startswith("eval/action_dim_")), key=lambda t: int(t[16:]))
+    return [acc.Histograms(tag)[-1] for tag in tags]
+
+
 def probe_stats(acc):
     """Per action component at the run's last evaluation: (step, [share near +-1], [number of modes])."""
-    tags = sorted((t for t in acc.Tags()["histograms"] if t.startswith("eval/action_dim_")), key=lambda t: int(t[16:]))
-    events = [acc.Histograms(tag)[-1] for tag in tags]
+    events = probe_histograms(acc)
     points = [histogram_points(event.histogram_value) for event in events]
     step = events[-1].step if events else None
     return step, [near_bounds(*p) for p in points], [count_modes(*p) for p in points]
@@ -368,10 +372,10 @@ def summarize(out):
         sac = SAC.get(env_id, {}).get(steps)
         modes = [n for *_, ms in seeds.values() for n in ms]
         sps = [statistics.median(s) for _, s, *_ in seeds.values() if s]
+        final_mean, final_std = mean_std([evals.get(steps, math.nan) for evals, *_ in seeds.values()])
         rows.append({
             "env_id": env_id, "seeds": " ".join(map(str, sorted(seeds))), "steps": steps,
-            "final_mean": mean_std([evals.get(steps, math.nan) for evals, *_ in seeds.values()])[0],
-            "final_std": mean_std([evals.get(steps, math.nan) for evals, *_ in seeds.values()])[1],
+            "final_mean": final_mean, "final_std": final_std,
             "sac_mean": mean_std(sac)[0] if sac else math.nan, "sac_std": mean_std(sac)[1] if sac else math.nan,
             "best_published_100k": BEST_100K.get(env_id, "-"),
             "near_bounds": statistics.fmean(s for *_, shares, _ in seeds.values() for s in shares or [math.nan]),
@@ -433,26 +437,21 @@ def aggregate_line(runs, rows):
 
 def plot_actions(out, run_dir, acc):
     """The policy's action distribution at the fixed probe state at the run's last evaluation (paper, Figure 4)."""
-    tags = sorted((t for t in acc.Tags()["histograms"] if t.startswith("eval/action_dim_")), key=lambda t: int(t[16:]))
-    if not tags:
+    events = probe_histograms(acc)
+    if not events:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(tags), figsize=(max(5.0, 2.2 * len(tags) + 1), 2.4), squeeze=False)
-    for ax, tag in zip(axes[0], tags, strict=True):
-        event = acc.Histograms(tag)[-1]
-        h = event.histogram_value
-        # TensorBoard's buckets (lower, limit] are uneven; re-bin them, each at its limit, the one holding the
-        # sample's minimum at the minimum (a bucket (-1.009, -0.917] of actions at -1 belongs at -1)
-        lower = [-math.inf, *h.bucket_limit[:-1]]
-        values = [h.min if lo < h.min <= hi else min(hi, h.max) for lo, hi in zip(lower, h.bucket_limit, strict=True)]
-        ax.hist(values, bins=40, range=(-1.0, 1.0), weights=h.bucket)
-        ax.set(title=f"action {tag[16:]}", xlim=(-1.05, 1.05), yticks=[])
+    fig, axes = plt.subplots(1, len(events), figsize=(max(5.0, 2.2 * len(events) + 1), 2.4), squeeze=False)
+    for dim, (ax, event) in enumerate(zip(axes[0], events, strict=True)):
+        values, counts = histogram_points(event.histogram_value)
+        ax.hist(values, bins=40, range=(-1.0, 1.0), weights=counts)  # re-binned on [-1, 1]
+        ax.set(title=f"action {dim}", xlim=(-1.05, 1.05), yticks=[])
     name = os.path.basename(run_dir)
-    fig.suptitle(f"{name}\n1,000 actions sampled at one initial state, step {event.step}", fontsize=7)
+    fig.suptitle(f"{name}\n1,000 actions sampled at one initial state, step {events[-1].step}", fontsize=7)
     fig.tight_layout()
     path = os.path.join(out, f"actions_{name}.png")
     fig.savefig(path, dpi=110)
