@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -125,16 +126,17 @@ def run_local(opts, tasks):
             with open(log, "a") as f:
                 f.write(f"$ {shlex.join(logged_command(cmd))}  # cores {my_cores}\n")
                 f.flush()
+                offset = f.tell()  # where this run's lines start: the log keeps earlier, resumed attempts
                 proc = subprocess.Popen(cmd, cwd=opts.out, env=env, stdout=f, stderr=subprocess.STDOUT,
                                         preexec_fn=lambda cores=my_cores: os.sched_setaffinity(0, cores))  # fmt: skip
-            running.append((proc, env_id, seed, my_cores, log, time.time()))
+            running.append((proc, env_id, seed, my_cores, log, offset, time.time()))
         time.sleep(1.0)
         for item in [item for item in running if item[0].poll() is not None]:
-            proc, env_id, seed, my_cores, log, start = item
+            proc, env_id, seed, my_cores, log, offset, start = item
             running.remove(item)
             free.append(my_cores)
             with open(log) as f:  # a signal ends a run with status 0 after a checkpoint: not done
-                stopped = "checkpoint written to" in f.read()[-2000:]
+                stopped = "checkpoint written to" in f.read()[offset:]
             failed += proc.returncode != 0 or stopped
             status = "stopped by a signal; run the same command again to resume it" if stopped else "done"
             status = status if proc.returncode == 0 else f"FAILED (status {proc.returncode}, see {log})"
@@ -337,9 +339,11 @@ def iqm_ci(scores):
     (rliable, 50,000 resamples of the runs within each task, a fixed seed): (iqm, low, high)."""
     from rliable import library, metrics
 
-    point, interval = library.get_interval_estimates({"x": np.asarray(scores, dtype=float)},
-                                                     lambda x: np.array([metrics.aggregate_iqm(x)]), reps=50_000,
-                                                     random_state=np.random.RandomState(0))  # fmt: skip
+    with warnings.catch_warnings():  # rliable hands arch the RandomState that arch now calls deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        point, interval = library.get_interval_estimates({"x": np.asarray(scores, dtype=float)},
+                                                         lambda x: np.array([metrics.aggregate_iqm(x)]), reps=50_000,
+                                                         random_state=np.random.RandomState(0))  # fmt: skip
     return point["x"][0], interval["x"][0, 0], interval["x"][1, 0]
 
 

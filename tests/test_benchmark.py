@@ -218,6 +218,16 @@ def test_a_run_stopped_by_a_signal_is_not_reported_done(tmp_path, monkeypatch, c
         in capsys.readouterr().out
     )
 
+    class ResumedRun(StoppedRun):  # the same command again: it resumes and finishes; the log keeps the first stop
+        def __init__(self, cmd, stdout, **kwargs):
+            stdout.write("resumed runs/x at step 300\nstep 600: eval return 10.0 +- 1.0\n")
+            self.returncode = 0
+
+    monkeypatch.setattr(grid.subprocess, "Popen", ResumedRun)
+    assert grid.run_local(opts, [("cartpole-balance", 1)]) == 0
+    assert "cartpole-balance seed 1: done in" in capsys.readouterr().out
+    assert "checkpoint written to" in (tmp_path / "runs" / "cartpole-balance__seed1.log").read_text()
+
 
 @pytest.mark.parametrize(
     "args, message",
