@@ -286,7 +286,7 @@ def test_speed_ratios_are_medians_of_same_round_ratios(capsys):
 
 def test_the_readme_results_are_what_the_summary_computes_from_the_committed_runs(tmp_path):
     """docs/results/results.md is the summary of the committed TensorBoard files, rebuilt here from a copy of them;
-    every row of the README's results table is one of its rows, word for word."""
+    every row of the README's results table and its aggregate line are lines of it, word for word."""
     import shutil
 
     shutil.copytree(ROOT / "docs" / "results" / "runs", tmp_path / "runs")
@@ -295,5 +295,8 @@ def test_the_readme_results_are_what_the_summary_computes_from_the_committed_run
     rebuilt = (tmp_path / "results.md").read_text()
     assert rebuilt == (ROOT / "docs" / "results" / "results.md").read_text()
     readme = (ROOT / "README.md").read_text().split("## Results")[1].split("\n## ")[0]
-    rows = [line for line in readme.splitlines() if line.startswith("| ") and not line.startswith("| task")]
+    rows = [
+        line for line in readme.splitlines() if line.startswith(("| ", "Aggregate")) and not line.startswith("| task")
+    ]
     assert rows and all(row in rebuilt.splitlines() for row in rows), rows
+    assert any(row.startswith("Aggregate") for row in rows) == ("Aggregate at step" in rebuilt)
