@@ -9,6 +9,8 @@ checkpoint, and submits it with sbatch; --dry-run prints the script or the comma
 summary: reads DIR/runs/*/ TensorBoard files and writes DIR/results.md, DIR/results.csv, DIR/curves.png (eval
 return vs environment steps, mean and min-max over seeds, with SAC and TD3 reference returns) and, per run,
 DIR/actions_{run}.png (the policy's action distribution at a fixed initial state at its last evaluation).
+Reruns: a run in DIR/rerun/runs/ (the same task, seed, command and commit as one in DIR/runs/) is compared with its
+original: the mean gap between their eval curves against the gaps between the task's seeds.
 A study: DIR holds one grid directory per variant (DIR/VARIANT/runs/), each trained with its own FLAGS; summary then
 compares them: DIR/study.md, study.csv, study_curves.png, and DIR/VARIANT/actions_{run}.png for every run. A variant's
 flags are read from its first run log, or from DIR/VARIANT/flags.txt where the script changed since its runs.
@@ -17,6 +19,7 @@ flags are read from its first run log, or from DIR/VARIANT/flags.txt where the s
 import argparse
 import csv
 import glob
+import itertools
 import math
 import os
 import shlex
@@ -412,6 +415,7 @@ def summarize(out):
               f"maxima of a Gaussian kernel density estimate (bandwidth {MODE_BANDWIDTH}) with a prominence of at "
               f"least {MODE_PROMINENCE:.0%} of the highest, per action component, averaged over components and seeds.",
               f"References: {SOURCES}.", ""]  # fmt: skip
+    lines += rerun_lines(out, runs)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines))
     plot(out, runs)
@@ -437,6 +441,34 @@ def aggregate_line(runs, rows):
             *iqm_ci([[SAC[e][step][i] / 1000 for e in tasks] for i in range(3)])
         )
     return line + " (95% stratified-bootstrap confidence intervals, rliable)."
+
+
+def curve_gap(a, b):
+    """The mean absolute difference of two eval curves ({step: return}) over the steps that both reached."""
+    return statistics.fmean(abs(a[step] - b[step]) for step in sorted(set(a) & set(b)))
+
+
+def rerun_lines(out, runs):
+    """DIR/rerun/runs/*: each rerun's curve gap to its original, against the gaps between every two of the task's
+    seeds; within seed noise when it is no larger than the largest of them (a coarse test with 3 seeds)."""
+    lines = []
+    for run_dir in sorted(glob.glob(os.path.join(out, "rerun", "runs", "*__*__*__*"))):
+        env_id, _, seed, _ = os.path.basename(run_dir).rsplit("__", 3)
+        evals = dict(read_run(load_run(run_dir))[0])
+        seeds = [curve for curve, *_ in runs.get(env_id, {}).values()]
+        if int(seed) not in runs.get(env_id, {}) or len(seeds) < 2 or not evals:
+            continue
+        original = runs[env_id][int(seed)][0]
+        gap, pairs = curve_gap(evals, original), [curve_gap(a, b) for a, b in itertools.combinations(seeds, 2)]
+        last = max(set(evals) & set(original))
+        lines.append(f"| {env_id} | {seed} | {last} | {evals[last]:.0f} | {original[last]:.0f} | {gap:.0f} | "
+                     f"{min(pairs):.0f}-{max(pairs):.0f} | {'yes' if gap <= max(pairs) else 'no'} |")  # fmt: skip
+    if not lines:
+        return []
+    return ["Reruns (rerun/runs/) against their originals: mean absolute gap between the eval curves, and between "
+            "every two seeds of the task:", "",
+            "| task | seed | last step | rerun | original | gap to the original | gaps between seeds | within |",
+            "|---|---|---|---|---|---|---|---|", *lines, ""]  # fmt: skip
 
 
 def plot_actions(out, run_dir, acc):

@@ -46,6 +46,8 @@ def test_summary_of_synthetic_runs(tmp_path):
     for seed in (1, 2, 3):  # every seed 800: a degenerate bootstrap, the interval collapses on the point
         fake_run(tmp_path, "walker-walk", seed, [(50_000, 200.0), (100_000, 800.0)], [10.0], bins="tensorflow")
     fake_run(tmp_path, "hopper-hop", 1, [(50_000, 5.0)], [], probe=np.random.default_rng(0).normal(0.2, 0.1, 1000))
+    fake_run(tmp_path / "rerun", "cheetah-run", 2, [(50_000, 150.0), (100_000, 450.0)], [])
+    fake_run(tmp_path / "rerun", "walker-walk", 1, [(50_000, 200.0), (100_000, 810.0)], [])
     result = bench("summary", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {row["env_id"]: row for row in csv.DictReader(open(tmp_path / "results.csv"))}
@@ -68,6 +70,9 @@ def test_summary_of_synthetic_runs(tmp_path):
     sac = sorted([362.4, 236.9, 331.1, 917.8, 509.6, 697.1])[1:-1]
     assert f"SAC {sum(sac) / 4000:.3f} [" in aggregate
     assert "| cheetah-run | 200 ± 82 | 400 ± 82 |" in table  # the curve: 100, 200, 300 at 50k
+    # reruns: gap to the original (mean over 50k and 100k) against the gaps between seeds (cheetah-run: 150, 150, 100)
+    assert "| cheetah-run | 2 | 100000 | 450 | 500 | 50 | 100-150 | yes |" in table
+    assert "| walker-walk | 1 | 100000 | 810 | 800 | 5 | 0-0 | no |" in table  # identical seeds: any gap is outside
     curves = list(csv.DictReader(open(tmp_path / "curves.csv")))
     assert [(c["env_id"], c["step"]) for c in curves][:2] == [("cheetah-run", "50000"), ("cheetah-run", "100000")]
     probes = list(csv.DictReader(open(tmp_path / "probes.csv")))
@@ -285,11 +290,12 @@ def test_speed_ratios_are_medians_of_same_round_ratios(capsys):
 
 
 def test_the_readme_results_are_what_the_summary_computes_from_the_committed_runs(tmp_path):
-    """docs/results/results.md is the summary of the committed TensorBoard files, rebuilt here from a copy of them;
-    every row of the README's results table and its aggregate line are lines of it, word for word."""
+    """docs/results/results.md is the summary of the committed TensorBoard files (runs and reruns), rebuilt here from a
+    copy of them; every row of the README's results table and its aggregate line are lines of it, word for word."""
     import shutil
 
-    shutil.copytree(ROOT / "docs" / "results" / "runs", tmp_path / "runs")
+    for sub in ("runs", "rerun"):
+        shutil.copytree(ROOT / "docs" / "results" / sub, tmp_path / sub)
     result = bench("summary", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     rebuilt = (tmp_path / "results.md").read_text()
