@@ -342,11 +342,14 @@ def iqm_ci(scores):
     (rliable, 50,000 resamples of the runs within each task, a fixed seed): (iqm, low, high)."""
     from rliable import library, metrics
 
+    state = np.random.get_state()
+    np.random.seed(0)  # rliable 1.2's StratifiedBootstrap draws its resamples from np.random, not from random_state
     with warnings.catch_warnings():  # rliable hands arch the RandomState that arch now calls deprecated
         warnings.simplefilter("ignore", FutureWarning)
         point, interval = library.get_interval_estimates({"x": np.asarray(scores, dtype=float)},
                                                          lambda x: np.array([metrics.aggregate_iqm(x)]), reps=50_000,
                                                          random_state=np.random.RandomState(0))  # fmt: skip
+    np.random.set_state(state)
     return point["x"][0], interval["x"][0, 0], interval["x"][1, 0]
 
 

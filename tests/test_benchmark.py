@@ -81,6 +81,19 @@ def test_summary_of_synthetic_runs(tmp_path):
     assert len(list(tmp_path.glob("actions_*.png"))) == 7  # one action-distribution picture per run
 
 
+def test_the_aggregate_interval_is_reproducible():
+    """The same scores give the same interval whatever numpy's global random state (rliable 1.2 draws from it)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import grid
+
+    scores = [[0.362, 0.368, 0.918], [0.237, 0.356, 0.510], [0.331, 0.295, 0.697]]
+    np.random.seed(1)
+    first = grid.iqm_ci(scores)
+    np.random.seed(2)
+    assert grid.iqm_ci(scores) == first
+    assert np.random.random() == np.random.RandomState(2).random()  # the caller's global state is left as it was
+
+
 def test_a_single_seed_task_has_no_aggregate(tmp_path):
     fake_run(tmp_path, "cheetah-run", 1, [(1000, 100.0)], [])
     result = bench("summary", str(tmp_path))
