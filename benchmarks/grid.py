@@ -179,6 +179,14 @@ exec {shlex.quote(sys.executable)} {shlex.quote(SCRIPT)} --env-id "$env_id" --se
 """
 
 
+def run_dirs(grid_dir):
+    """(run_dir, env_id, seed) for every run directory in grid_dir/runs/, named {env_id}__{exp_name}__{seed}__{time}."""
+    for run_dir in sorted(glob.glob(os.path.join(grid_dir, "runs", "*__*__*__*"))):
+        if os.path.isdir(run_dir):
+            env_id, _, seed, _ = os.path.basename(run_dir).rsplit("__", 3)
+            yield run_dir, env_id, int(seed)
+
+
 def load_run(run_dir):
     """The run's TensorBoard files, read once (scalars and histograms, nothing dropped)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -269,17 +277,14 @@ def summarize_study(out):
         else:
             flags = variant_flags(open(logs[0]).readline()) if logs else ""
         by_env = {}
-        for run_dir in sorted(glob.glob(os.path.join(variant_dir, "runs", "*__*__*__*"))):
-            if not os.path.isdir(run_dir):
-                continue
+        for run_dir, env_id, seed in run_dirs(variant_dir):
             acc = load_run(run_dir)
             evals, sps = read_run(acc)
             if not evals:
                 continue
-            env_id, _, seed, _ = os.path.basename(run_dir).rsplit("__", 3)
             tag = "charts/action_saturation"
             sat = [e.value for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
-            by_env.setdefault(env_id, []).append((int(seed), evals, sps, sat[-1] if sat else float("nan"), acc))
+            by_env.setdefault(env_id, []).append((seed, evals, sps, sat[-1] if sat else float("nan"), acc))
             plot_actions(variant_dir, run_dir, acc)
         for env_id, seeds in sorted(by_env.items()):
             steps = min(evals[-1][0] for _, evals, *_ in seeds)
@@ -357,16 +362,13 @@ def summarize(out):
     """DIR/runs/*: per task the eval return over seeds at each evaluation and at the last step every seed reached,
     SAC at the same step, the IQM over the tasks with 3+ seeds, and the probe state's share near +-1 and modes."""
     runs, probes = {}, []
-    for run_dir in sorted(glob.glob(os.path.join(out, "runs", "*__*__*__*"))):
-        if not os.path.isdir(run_dir):
-            continue
-        env_id, _, seed, _ = os.path.basename(run_dir).rsplit("__", 3)
+    for run_dir, env_id, seed in run_dirs(out):
         acc = load_run(run_dir)
         evals, sps = read_run(acc)
         if not evals:
             continue
         step, shares, modes = probe_stats(acc)
-        runs.setdefault(env_id, {})[int(seed)] = (dict(evals), sps, shares, modes)
+        runs.setdefault(env_id, {})[seed] = (dict(evals), sps, shares, modes)
         probes += [{"env_id": env_id, "seed": seed, "step": step, "action_dim": dim, "near_bounds": share,
                     "modes": n} for dim, (share, n) in enumerate(zip(shares, modes, strict=True))]  # fmt: skip
         plot_actions(out, run_dir, acc)
@@ -455,13 +457,11 @@ def rerun_lines(out, runs):
     """DIR/rerun/runs/*: each rerun's curve gap to its original, against the gaps between every two of the task's
     seeds; within seed noise when it is no larger than the largest of them (a coarse test with 3 seeds)."""
     lines = []
-    for run_dir in sorted(glob.glob(os.path.join(out, "rerun", "runs", "*__*__*__*"))):
-        env_id, _, seed, _ = os.path.basename(run_dir).rsplit("__", 3)
-        evals = dict(read_run(load_run(run_dir))[0])
-        seeds = [curve for curve, *_ in runs.get(env_id, {}).values()]
-        if int(seed) not in runs.get(env_id, {}) or len(seeds) < 2 or not evals:
+    for run_dir, env_id, seed in run_dirs(os.path.join(out, "rerun")):
+        evals, task = dict(read_run(load_run(run_dir))[0]), runs.get(env_id, {})
+        if seed not in task or len(task) < 2 or not evals:
             continue
-        original = runs[env_id][int(seed)][0]
+        original, seeds = task[seed][0], [curve for curve, *_ in task.values()]
         gap, pairs = curve_gap(evals, original), [curve_gap(a, b) for a, b in itertools.combinations(seeds, 2)]
         last = max(set(evals) & set(original))
         lines.append(f"| {env_id} | {seed} | {last} | {evals[last]:.0f} | {original[last]:.0f} | {gap:.0f} | "
