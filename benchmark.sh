@@ -4,6 +4,8 @@
 #   bash benchmark.sh [--env-ids ID ...] [--seeds N ...] [--workers N] [--out DIR] [--slurm] [--dry-run] [-- FLAGS]
 #   bash benchmark.sh summary DIR
 #   bash benchmark.sh saturation
+#   bash benchmark.sh bundle DIR [--python-version 3.12]
+#   bash benchmark.sh gpu-check [--bundle DIR] [--report FILE]
 #   bash benchmark.sh speed [--env-ids ID ...] [--modes MODE ...] [--steps N] [--repeats N] [--threads N]
 #                           [--scripts A.py B.py] [--cuda]
 #
@@ -12,6 +14,8 @@
 # summary: DIR/results.md, results.csv, curves.png and actions_{run}.png from the runs' TensorBoard files.
 # speed: training steps/s, updates/s, acting steps/s, time to the first update and peak memory per task and mode,
 # round-robin over --repeats rounds, with ratios measured within a round (benchmarks/speed.py).
+# bundle: a folder of wheels (< 64 MiB) that installs the script's packages on an offline CUDA machine with torch.
+# gpu-check: the CUDA tests, the recommended GPU mode with a resume, a headless frame and the GPU speed modes.
 # saturation: why QSM policies sit on the action bounds, on a 1-D toy with a known critic (benchmarks/saturation.py).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -20,6 +24,8 @@ case "${1:-}" in
 speed) shift && exec python benchmarks/speed.py "$@" ;;
 summary) shift && exec python benchmarks/grid.py --summary-only "$@" ;;
 saturation) shift && exec python benchmarks/saturation.py "$@" ;;
+bundle) shift && exec python benchmarks/bundle.py "$@" ;;
+gpu-check) shift && exec bash benchmarks/gpu_check.sh "$@" ;;
 -h | --help | help) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//' ;;
 *) exec python benchmarks/grid.py "$@" ;;
 esac
