@@ -9,10 +9,12 @@ os.environ.setdefault("MUJOCO_GL", "egl" if "--capture-video" in sys.argv else "
 import contextlib
 import copy
 import dataclasses
+import fcntl
 import functools
 import itertools
 import math
 import random
+import shutil
 import signal
 import socket
 import time
@@ -176,7 +178,7 @@ class DMCEnv:
         mujoco.mj_setState(physics.model.ptr, physics.data.ptr, state["physics"].numpy(), spec)
         mujoco.mj_step1(physics.model.ptr, physics.data.ptr)  # dm_control steps with mj_step2 and expects this done
         self.env._step_count, self.env._reset_next_step = state["step_count"], state["reset_next_step"]
-        set_numpy_rng_state(self.env.task.random, state["random"])
+        self.env.task.random.set_state(state["random"])  # also from older checkpoints' key tensors
 
 
 # ALGO LOGIC: the networks
@@ -576,6 +578,31 @@ def resume_args(args: Args) -> tuple[Args, str, dict]:
     return args, os.path.dirname(file) or ".", state
 
 
+def claim_run_dir(run_dir: str | None, args: Args):
+    """(run_dir, its lock file, kept open): the run's directory held by this process alone, run_dir (--resume) or a new
+    runs/{env_id}__{exp_name}__{seed}__{time} made exclusively (mkdir is atomic, also on NFS: a run started in the same
+    second gets -2, -3, ... appended). The lock (flock) ends with the process however it ends, kill -9 included."""
+    if run_dir is None:
+        base = f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        for run_dir in itertools.chain([base], (f"{base}-{n}" for n in itertools.count(2))):
+            with contextlib.suppress(FileExistsError):
+                os.makedirs(run_dir)
+                break
+    lock = open(os.path.join(run_dir, "run.lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        fail(f"{run_dir} is in use by {lock.read().strip()}; wait until it ends, or stop it (kill -TERM: it "
+             f"checkpoints) and --resume {run_dir} again")  # fmt: skip
+    except OSError as error:  # a filesystem without locks (e.g. Lustre mounted without -o flock)
+        print(f"warning: cannot lock {run_dir} ({error.strerror}); make sure no other process trains in it",
+              file=sys.stderr)  # fmt: skip
+    lock.truncate(0)
+    print(f"pid {os.getpid()} on {socket.gethostname()}", file=lock, flush=True)
+    return run_dir, lock
+
+
 def make_replay_buffer(args: Args, obs_dim: int, action_dim: int, device: torch.device) -> ReplayBuffer:
     need = args.buffer_size * (2 * obs_dim + action_dim + 2) * 4  # float32 rows [s, a, r, s', mask]
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # the CPU allocates lazily: check up front
@@ -586,12 +613,9 @@ def make_replay_buffer(args: Args, obs_dim: int, action_dim: int, device: torch.
          f"{device.type} can allocate; lower --buffer-size")  # fmt: skip
 
 
-def numpy_rng_state(rng) -> tuple:  # a NumPy RandomState's state with its key as a tensor: weights_only loads it
-    return tuple(torch.from_numpy(v.astype(np.int64)) if isinstance(v, np.ndarray) else v for v in rng.get_state())
-
-
-def set_numpy_rng_state(rng, state: tuple) -> None:
-    rng.set_state(tuple(v.numpy().astype(np.uint32) if torch.is_tensor(v) else v for v in state))
+def numpy_rng_state(rng) -> tuple:  # a NumPy RandomState's state, its key as a list: weights_only loads it
+    name, key, *rest = rng.get_state()
+    return (name, key.tolist(), *rest)
 
 
 def agent_state(agent: Agent, args: Args) -> dict:
@@ -612,18 +636,37 @@ def training_state(agent: Agent, args: Args, rb: ReplayBuffer, env: DMCEnv, step
 
 
 def save_atomic(path: str, state: dict) -> None:
-    """torch.save to a temporary file, fsync, rename: a kill at any instant leaves the old file or the new one."""
-    with open(f"{path}.tmp", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f"{path}.tmp", path)
+    """torch.save to a temporary file, fsync, rename: a kill at any instant leaves the old file or the new one. A
+    failed write (disk full, quota, permission) removes the temporary file and ends the run in one line."""
+    try:
+        with open(f"{path}.tmp", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(f"{path}.tmp", path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        free = shutil.disk_usage(os.path.dirname(path) or ".").free / 2**20  # torch's own message seldom says why
+        with contextlib.suppress(OSError):
+            os.remove(f"{path}.tmp")
+        last = os.path.join(os.path.dirname(path), "checkpoint.pt")  # untouched by the failed write
+        fail(f"cannot write {path} ({getattr(error, 'strerror', None) or error}; {free:.0f} MiB free there); the last "
+             f"good checkpoint: {last if os.path.exists(last) else 'none'}")  # fmt: skip
 
 
-def restore(state: dict, agent: Agent, args: Args, rb: ReplayBuffer, env: DMCEnv) -> tuple:
+def load_network(net: nn.Module, state: dict, name: str, file: str) -> None:
+    """net.load_state_dict(state), or one line naming what differs: a file saved by an edited copy of the network."""
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as error:  # its second line names the first parameters missing, extra or of another shape
+        fail(f"{file}: its {name} was made by another version of {type(net).__name__} "
+             f"({error.args[0].splitlines()[1].strip()}); use the file that made it, or start a new run")  # fmt: skip
+
+
+def restore(file: str, state: dict, agent: Agent, args: Args, rb: ReplayBuffer, env: DMCEnv) -> tuple:
     """Loads a checkpoint into the run; returns the current episode (obs, return, length, last return)."""
-    for name in ("critic", "critic_target", "denoiser", "actor_scheduler"):
-        getattr(agent, name).load_state_dict(state[name])
+    for name in ("critic", "critic_target", "denoiser"):
+        load_network(getattr(agent, name), state[name], name, file)
+    agent.actor_scheduler.load_state_dict(state["actor_scheduler"])
     agent.actor_scheduler.base_lrs = [args.actor_lr]  # a resumed run may change the learning rates
     actor_lr = args.actor_lr * cosine_decay(agent.actor_scheduler.last_epoch, args.actor_lr_decay_steps)
     for name, lr in (("critic_optimizer", args.critic_lr), ("actor_optimizer", actor_lr)):
@@ -635,7 +678,7 @@ def restore(state: dict, agent: Agent, args: Args, rb: ReplayBuffer, env: DMCEnv
     rb.rows[: len(rows)], rb.added = rows.to(rb.rows.device), state["buffer"]["added"]
     env.set_state(state["env"])
     random.setstate(state["rng"]["python"])
-    set_numpy_rng_state(np.random, state["rng"]["numpy"])
+    np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
     if rb.rows.is_cuda and state["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(state["rng"]["cuda"])
@@ -650,16 +693,14 @@ def evaluate_model(args: Args) -> None:
                                capture_video=args.capture_video, cudagraphs=False)  # fmt: skip
     envs = [DMCEnv(args.env_id, args.seed + 10_000 + i, args.action_repeat) for i in range(args.eval_episodes)]
     agent = build_agent(envs[0].obs_dim, envs[0].action_dim, args, device)
-    agent.denoiser.load_state_dict(state["denoiser"])
-    agent.critic.load_state_dict(state["critic"])  # --best-of-n ranks the samples by Q
+    load_network(agent.denoiser, state["denoiser"], "denoiser", file)
+    load_network(agent.critic, state["critic"], "critic", file)  # --best-of-n ranks the samples by Q
     run_name = os.path.basename(os.path.dirname(os.path.abspath(file)))
     video = f"videos/{run_name}/evaluate.mp4" if args.capture_video else None
     torch.manual_seed(args.seed)
     returns = evaluate(envs, agent, args, device, video)
     print(f"{args.env_id}: eval return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes "
-          f"({', '.join(f'{r:.1f}' for r in returns)})")  # fmt: skip
-    if video:
-        print(f"video: {video}")
+          f"({', '.join(f'{r:.1f}' for r in returns)})" + (f"; video: {video}" if video else ""))  # fmt: skip
 
 
 def start_wandb(args: Args, run_name: str, wandb_id: str | None):
@@ -744,7 +785,7 @@ if __name__ == "__main__":
     probe_obs = torch.as_tensor(DMCEnv(args.env_id, args.seed + 20_000).reset(), device=device)
     agent = build_agent(env.obs_dim, env.action_dim, args, device)
     rb = make_replay_buffer(args, env.obs_dim, env.action_dim, device)
-    run_dir = run_dir or f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir, lock = claim_run_dir(run_dir, args)
     run_name, checkpoint = os.path.basename(os.path.abspath(run_dir)), f"{run_dir}/checkpoint.pt"
     wandb_run = start_wandb(args, run_name, saved and saved["wandb_id"]) if args.track else None
     writer = SummaryWriter(run_dir, purge_step=saved and saved["global_step"])  # a resume drops logs past its step
@@ -766,7 +807,7 @@ if __name__ == "__main__":
     obs, episode_return, episode_length, last_return = env.reset(), 0.0, 0, float("nan")
     start, last_checkpoint = 0, None
     if saved:
-        obs, episode_return, episode_length, last_return = restore(saved, agent, args, rb, env)
+        obs, episode_return, episode_length, last_return = restore(checkpoint, saved, agent, args, rb, env)
         start, last_checkpoint = saved["global_step"], f"{checkpoint} (step {saved['global_step']})"
         print(f"resumed {run_dir} at step {start}", file=sys.stderr)
     signal.signal(signal.SIGTERM, request_stop)
