@@ -202,13 +202,6 @@ class TwinCritic(nn.Module):
         return torch.baddbmm(self.biases[-1], x, self.weights[-1]).squeeze(-1)
 
 
-def mish(x: torch.Tensor) -> torch.Tensor:
-    """mish(x) = x tanh(softplus(x)) = x (e^2x + 2e^x) / (e^2x + 2e^x + 2): one exp, not three (faster on the CPU)."""
-    n = torch.exp(x.clamp(max=20.0))  # clamped inside the exp only: for x > 20 the ratio is 1 in float32
-    m = n * (n + 2.0)
-    return x * (m / (m + 2.0))
-
-
 class Denoiser(nn.Module):
     """eps_theta(s, a_t, t): t -> Fourier features [cos 2 pi t W, sin 2 pi t W] -> MLP(128, 128) mish -> cond;
     MLP mish on concat(a_t, s, cond) -> predicted noise. As the official code, t is the integer step 0..T-1."""
@@ -229,12 +222,12 @@ class Denoiser(nn.Module):
         """(B, S), (B, A), integer steps t (B,), or (1,) for one step shared by the batch -> predicted noise (B, A).
         The one definition of the network: the QSM loss and the sampler (acting, TD target, evaluation) call it."""
         f = 2 * math.pi * t.float().unsqueeze(-1) @ self.fourier_kernel.T  # (B or 1, time_dim / 2)
-        cond = self.cond[1](mish(self.cond[0](torch.cat([torch.cos(f), torch.sin(f)], dim=-1))))  # (B or 1, 128)
+        cond = self.cond[1](F.mish(self.cond[0](torch.cat([torch.cos(f), torch.sin(f)], dim=-1))))  # (B or 1, 128)
         # mlp[0](concat(a_t, s, cond)) = W_as [a_t; s] + (W_c cond + b): cond's part once per t, then broadcast
         W_as, W_c = self.mlp[0].weight.split([self.mlp[0].in_features - cond.shape[-1], cond.shape[-1]], dim=1)
-        x = mish(F.linear(torch.cat([noisy_actions, obs], dim=-1), W_as) + F.linear(cond, W_c, self.mlp[0].bias))
+        x = F.mish(F.linear(torch.cat([noisy_actions, obs], dim=-1), W_as) + F.linear(cond, W_c, self.mlp[0].bias))
         for layer in self.mlp[1:]:
-            x = mish(layer(x))
+            x = F.mish(layer(x))
         return self.out(x)
 
 
@@ -322,7 +315,6 @@ class ReplayBuffer:
         # empty, not zeros: rows past `size` are never read, and on the CPU pages never written take no memory
         self.rows = torch.empty(capacity, 2 * obs_dim + action_dim + 2, device=device)
         self.sizes = (obs_dim, action_dim, 1, obs_dim, 1)
-        self.obs, self.actions, self.rewards, self.next_obs, self.masks = self.split(self.rows)
         self.capacity, self.added = capacity, 0  # transitions ever added; position and fill follow from it
 
     pos = property(lambda self: self.added % self.capacity)  # the row the next transition overwrites
@@ -462,8 +454,7 @@ def evaluate(envs: list[DMCEnv], agent: Agent, args: Args, device, video: str | 
     while running.any():
         if video and running[0]:  # film the first episode
             frames.append(envs[0].env.physics.render(height=240, width=320, camera_id=0))
-        obs_t = torch.as_tensor(obs[running], device=device)
-        actions = best_of_n(agent, obs_t, args).cpu().numpy()
+        actions = best_of_n(agent, torch.as_tensor(obs[running], device=device), args).cpu().numpy()
         for action, i in zip(actions, np.flatnonzero(running), strict=True):
             obs[i], reward, _, done = envs[i].step(action)
             returns[i] += reward
@@ -579,9 +570,8 @@ def resume_args(args: Args) -> tuple[Args, str, dict]:
 
 
 def claim_run_dir(run_dir: str | None, args: Args):
-    """(run_dir, its lock file, kept open): the run's directory held by this process alone, run_dir (--resume) or a new
-    runs/{env_id}__{exp_name}__{seed}__{time} made exclusively (mkdir is atomic, also on NFS: a run started in the same
-    second gets -2, -3, ... appended). The lock (flock) ends with the process however it ends, kill -9 included."""
+    """(run_dir, its lock file) for --resume RUN_DIR or a new runs/{env_id}__{exp_name}__{seed}__{time}[-n], made
+    exclusively (mkdir is atomic, also on NFS); held by this process alone (flock) until it ends, by kill -9 too."""
     if run_dir is None:
         base = f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
         for run_dir in itertools.chain([base], (f"{base}-{n}" for n in itertools.count(2))):
@@ -592,12 +582,9 @@ def claim_run_dir(run_dir: str | None, args: Args):
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        lock.seek(0)
-        fail(f"{run_dir} is in use by {lock.read().strip()}; wait until it ends, or stop it (kill -TERM: it "
-             f"checkpoints) and --resume {run_dir} again")  # fmt: skip
+        fail(f"{run_dir} is in use by {open(lock.name).read().strip()}; wait for it to end, or stop it and resume")
     except OSError as error:  # a filesystem without locks (e.g. Lustre mounted without -o flock)
-        print(f"warning: cannot lock {run_dir} ({error.strerror}); make sure no other process trains in it",
-              file=sys.stderr)  # fmt: skip
+        print(f"warning: cannot lock {run_dir} ({error.strerror}); keep other processes out of it", file=sys.stderr)
     lock.truncate(0)
     print(f"pid {os.getpid()} on {socket.gethostname()}", file=lock, flush=True)
     return run_dir, lock
@@ -653,19 +640,19 @@ def save_atomic(path: str, state: dict) -> None:
              f"good checkpoint: {last if os.path.exists(last) else 'none'}")  # fmt: skip
 
 
-def load_network(net: nn.Module, state: dict, name: str, file: str) -> None:
-    """net.load_state_dict(state), or one line naming what differs: a file saved by an edited copy of the network."""
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as error:  # its second line names the first parameters missing, extra or of another shape
-        fail(f"{file}: its {name} was made by another version of {type(net).__name__} "
-             f"({error.args[0].splitlines()[1].strip()}); use the file that made it, or start a new run")  # fmt: skip
+def load_networks(agent: Agent, state: dict, file: str, names=("critic", "critic_target", "denoiser")) -> None:
+    """Each network's saved weights, or one line naming what differs: a file saved by an edited copy of a network."""
+    for name in names:
+        try:
+            getattr(agent, name).load_state_dict(state[name])
+        except RuntimeError as error:  # its second line names the first parameters missing, extra or of another shape
+            fail(f"{file}: its {name} was made by another version of {type(getattr(agent, name)).__name__} "
+                 f"({error.args[0].splitlines()[1].strip()}); resume it with the file that made it")  # fmt: skip
 
 
 def restore(file: str, state: dict, agent: Agent, args: Args, rb: ReplayBuffer, env: DMCEnv) -> tuple:
     """Loads a checkpoint into the run; returns the current episode (obs, return, length, last return)."""
-    for name in ("critic", "critic_target", "denoiser"):
-        load_network(getattr(agent, name), state[name], name, file)
+    load_networks(agent, state, file)
     agent.actor_scheduler.load_state_dict(state["actor_scheduler"])
     agent.actor_scheduler.base_lrs = [args.actor_lr]  # a resumed run may change the learning rates
     actor_lr = args.actor_lr * cosine_decay(agent.actor_scheduler.last_epoch, args.actor_lr_decay_steps)
@@ -693,8 +680,7 @@ def evaluate_model(args: Args) -> None:
                                capture_video=args.capture_video, cudagraphs=False)  # fmt: skip
     envs = [DMCEnv(args.env_id, args.seed + 10_000 + i, args.action_repeat) for i in range(args.eval_episodes)]
     agent = build_agent(envs[0].obs_dim, envs[0].action_dim, args, device)
-    load_network(agent.denoiser, state["denoiser"], "denoiser", file)
-    load_network(agent.critic, state["critic"], "critic", file)  # --best-of-n ranks the samples by Q
+    load_networks(agent, state, file, ("denoiser", "critic"))  # the critic: --best-of-n ranks the samples by Q
     run_name = os.path.basename(os.path.dirname(os.path.abspath(file)))
     video = f"videos/{run_name}/evaluate.mp4" if args.capture_video else None
     torch.manual_seed(args.seed)
@@ -810,8 +796,8 @@ if __name__ == "__main__":
         obs, episode_return, episode_length, last_return = restore(checkpoint, saved, agent, args, rb, env)
         start, last_checkpoint = saved["global_step"], f"{checkpoint} (step {saved['global_step']})"
         print(f"resumed {run_dir} at step {start}", file=sys.stderr)
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, request_stop)
     finite, metrics = torch.ones((), dtype=torch.bool, device=device), {}  # all losses and Q values since the check
     if saved and start % args.eval_interval < args.action_repeat:  # the purge dropped this step's evaluation: redo it
         evaluate_and_log(agent, args, eval_envs, probe_obs, writer, start)
