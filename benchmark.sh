@@ -18,14 +18,14 @@
 # gpu-check: the CUDA tests, the recommended GPU mode with a resume, a headless frame and the GPU speed modes.
 # saturation: why QSM policies sit on the action bounds, on a 1-D toy with a known critic (benchmarks/saturation.py).
 set -euo pipefail
-cd "$(dirname "$0")"
+here=$(dirname "$0") # paths given (--out DIR, summary DIR) stay relative to where the user stands
 
 case "${1:-}" in
-speed) shift && exec python benchmarks/speed.py "$@" ;;
-summary) shift && exec python benchmarks/grid.py --summary-only "$@" ;;
-saturation) shift && exec python benchmarks/saturation.py "$@" ;;
-bundle) shift && exec python benchmarks/bundle.py "$@" ;;
-gpu-check) shift && exec bash benchmarks/gpu_check.sh "$@" ;;
+speed) shift && exec python "$here/benchmarks/speed.py" "$@" ;;
+summary) shift && exec python "$here/benchmarks/grid.py" --summary-only "$@" ;;
+saturation) shift && exec python "$here/benchmarks/saturation.py" "$@" ;;
+bundle) shift && exec python "$here/benchmarks/bundle.py" "$@" ;;
+gpu-check) shift && exec bash "$here/benchmarks/gpu_check.sh" "$@" ;;
 -h | --help | help) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//' ;;
-*) exec python benchmarks/grid.py "$@" ;;
+*) exec python "$here/benchmarks/grid.py" "$@" ;;
 esac

@@ -578,6 +578,7 @@ def claim_run_dir(run_dir: str | None, args: Args):
             with contextlib.suppress(FileExistsError):
                 os.makedirs(run_dir)
                 break
+        shutil.copy(__file__, run_dir)  # the file that made the run: benchmark.sh resumes a run only with the same
     lock = open(os.path.join(run_dir, "run.lock"), "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

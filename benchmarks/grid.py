@@ -22,18 +22,21 @@ import glob
 import itertools
 import math
 import os
+import re
 import shlex
 import shutil
 import statistics
 import subprocess
 import sys
-import time
 import warnings
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import launch  # noqa: E402
+
 SCRIPT = os.path.join(ROOT, "qsm_continuous.py")
 PAPER_TASKS = ["cheetah-run", "walker-walk", "walker-run", "hopper-hop", "quadruped-walk", "humanoid-walk"]
 # SAC at equal steps: the eval return of seeds 1, 2, 3 at 0 and 100k environment steps in TD-MPC2's published
@@ -74,18 +77,51 @@ def parse(argv):
     parser.add_argument("--summary-only", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--env-ids", nargs="+", default=PAPER_TASKS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--variants", nargs="+", metavar="NAME[=FLAGS]")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--out", default="runs/benchmark")
     parser.add_argument("--slurm", action="store_true")
+    parser.add_argument("--cpus-per-task", type=int, default=2)
     parser.add_argument("--dry-run", action="store_true")
     opts = parser.parse_args(argv)
     opts.flags = flags
     for flag in ("--env-id", "--seed", "--resume"):
-        if flag in flags:
-            fail(f"{flag} after -- is set by benchmark.sh itself; use --env-ids / --seeds")
-    if opts.workers < 1:
-        fail(f"--workers must be >= 1, got {opts.workers}")
+        if flag in flags or any(flag in shlex.split(v.partition("=")[2]) for v in opts.variants or []):
+            fail(f"{flag} in a run's flags is set by benchmark.sh itself; use --env-ids / --seeds")
+    for flag, value in (("--workers", opts.workers), ("--cpus-per-task", opts.cpus_per_task)):
+        if value < 1:
+            fail(f"{flag} must be >= 1, got {value}")
     return opts
+
+
+def variants(opts):
+    """{name: (script, flags)}: --variants NAME=FLAGS, FLAGS led by a copy of the script (a .py file) or not; without
+    --variants one grid, named "", in --out itself."""
+    found = {}
+    for variant in opts.variants or [""]:
+        name, _, flags = variant.partition("=")
+        flags = shlex.split(flags)
+        script = os.path.abspath(flags.pop(0)) if flags and flags[0].endswith(".py") else SCRIPT
+        if (variant and not re.fullmatch(r"[\w.-]+", name)) or name in found:
+            fail(f"--variants {variant!r}: each needs its own NAME of letters, digits, '.', '_' or '-', then =FLAGS")
+        if not os.path.isfile(script):
+            fail(f"--variants {variant!r}: no such script {script}")
+        found[name] = (script, [*flags, *opts.flags])
+    return found
+
+
+def tasks_of(opts):
+    """Every variant x env id x seed as a launch.Task; a variant's runs in OUT/NAME/runs/."""
+    grids = [
+        (os.path.abspath(os.path.join(opts.out, name)), script, flags)
+        for name, (script, flags) in variants(opts).items()
+    ]
+    return [
+        launch.Task(out, script, env, seed, tuple(flags))
+        for out, script, flags in grids
+        for env in opts.env_ids
+        for seed in opts.seeds
+    ]
 
 
 def valid_env_ids():
@@ -95,88 +131,6 @@ def valid_env_ids():
         fail(f"{error}: activate the project's environment first (README, Setup: pip install -r requirements.txt)")
 
     return qsm.ENV_IDS
-
-
-def existing_run(out, env_id, seed):
-    """The run directory of env_id x seed in out/runs that has a checkpoint, or None."""
-    found = sorted(glob.glob(os.path.join(out, "runs", f"{env_id}__*__{seed}__*", "checkpoint.pt")))
-    return os.path.dirname(found[-1]) if found else None
-
-
-def command(opts, env_id, seed):
-    resume = existing_run(opts.out, env_id, seed)
-    resume_args = ["--resume", os.path.relpath(resume, opts.out)] if resume else []
-    return [sys.executable, SCRIPT, "--env-id", env_id, "--seed", str(seed), *resume_args, *opts.flags]
-
-
-def run_local(opts, tasks):
-    """Runs the tasks, --workers at a time, each pinned to its own share of the cores. One thread starts and reaps
-    every run (pinning in preexec_fn is safe only in a process without other threads). Returns the failures."""
-    cores = sorted(os.sched_getaffinity(0))
-    workers = min(opts.workers, len(tasks))
-    share = max(1, len(cores) // workers)
-    free = [cores[i * share : (i + 1) * share] or cores for i in range(workers)]  # one core set per worker
-    os.makedirs(os.path.join(opts.out, "runs"), exist_ok=True)
-    print(f"{len(tasks)} runs, {workers} at a time, {share} core(s) each; logs in {opts.out}/runs/", flush=True)
-    pending, running, failed = list(tasks), [], 0
-    while pending or running:
-        while pending and free:
-            env_id, seed = pending.pop(0)
-            my_cores, cmd = free.pop(), command(opts, env_id, seed)
-            log = os.path.join(opts.out, "runs", f"{env_id}__seed{seed}.log")  # beside the run's TensorBoard dir
-            threads = str(len(my_cores))
-            env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TQDM_DISABLE": "1"}
-            with open(log, "a") as f:
-                f.write(f"$ {shlex.join(logged_command(cmd))}  # cores {my_cores}\n")
-                f.flush()
-                offset = f.tell()  # where this run's lines start: the log keeps earlier, resumed attempts
-                proc = subprocess.Popen(cmd, cwd=opts.out, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                        preexec_fn=lambda cores=my_cores: os.sched_setaffinity(0, cores))  # fmt: skip
-            running.append((proc, env_id, seed, my_cores, log, offset, time.time()))
-        time.sleep(1.0)
-        for item in [item for item in running if item[0].poll() is not None]:
-            proc, env_id, seed, my_cores, log, offset, start = item
-            running.remove(item)
-            free.append(my_cores)
-            with open(log) as f:  # a signal ends a run with status 0 after a checkpoint: not done
-                stopped = "checkpoint written to" in f.read()[offset:]
-            failed += proc.returncode != 0 or stopped
-            status = "stopped by a signal; run the same command again to resume it" if stopped else "done"
-            status = status if proc.returncode == 0 else f"FAILED (status {proc.returncode}, see {log})"
-            print(f"{env_id} seed {seed}: {status} in {time.time() - start:.0f} s", flush=True)
-    return failed
-
-
-def logged_command(cmd):
-    """The command as run logs record it: the script relative to the repository, Python as `python`."""
-    return ["python", os.path.relpath(cmd[1], ROOT), *cmd[2:]]
-
-
-def sbatch_script(opts, tasks):
-    envs = " ".join(env_id for env_id, _ in tasks)
-    seeds = " ".join(str(seed) for _, seed in tasks)
-    out = os.path.abspath(opts.out)
-    return f"""#!/bin/bash
-#SBATCH --job-name=qsm
-#SBATCH --array=0-{len(tasks) - 1}
-#SBATCH --cpus-per-task=2
-#SBATCH --output={out}/runs/slurm-%A_%a.log
-#SBATCH --requeue
-# One task per env x seed. On pre-emption Slurm sends SIGTERM: the run checkpoints and exits, Slurm requeues the
-# task (--requeue), and the task resumes from the checkpoint below.
-set -euo pipefail
-ENV_IDS=({envs})
-SEEDS=({seeds})
-env_id=${{ENV_IDS[$SLURM_ARRAY_TASK_ID]}}
-seed=${{SEEDS[$SLURM_ARRAY_TASK_ID]}}
-mkdir -p {out}/runs && cd {out}
-resume=()
-checkpoint=$(ls -d runs/"$env_id"__*__"$seed"__*/checkpoint.pt 2>/dev/null | tail -n 1 || true)
-if [ -n "$checkpoint" ]; then resume=(--resume "$(dirname "$checkpoint")"); fi
-export OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-2}} TQDM_DISABLE=1
-exec {shlex.quote(sys.executable)} {shlex.quote(SCRIPT)} --env-id "$env_id" --seed "$seed" \\
-    ${{resume[@]+"${{resume[@]}}"}} {shlex.join(opts.flags)}
-"""
 
 
 def run_dirs(grid_dir):
@@ -558,13 +512,15 @@ def main(argv):
     for env_id in opts.env_ids:
         if env_id not in valid:
             fail(f"--env-ids {env_id!r} is not a dm_control task; valid ids: {', '.join(valid)}")
-    tasks = [(env_id, seed) for env_id in opts.env_ids for seed in opts.seeds]
+    tasks = tasks_of(opts)
+    if problem := launch.conflicts(tasks):  # before anything starts
+        fail(problem)
     if opts.slurm:
-        script = sbatch_script(opts, tasks)
+        script = launch.sbatch_script(tasks, opts.out, opts.cpus_per_task)
         if opts.dry_run:
             print(script, end="")
             sys.exit(0)
-        os.makedirs(os.path.join(opts.out, "runs"), exist_ok=True)
+        os.makedirs(opts.out, exist_ok=True)
         path = os.path.join(opts.out, "qsm_array.sbatch")
         with open(path, "w") as f:
             f.write(script)
@@ -573,12 +529,13 @@ def main(argv):
         subprocess.run(["sbatch", path], check=True)
         print(f"submitted {path}; when the tasks are done: bash benchmark.sh summary {opts.out}")
         sys.exit(0)
-    if opts.dry_run:
-        for env_id, seed in tasks:
-            print(f"(cd {shlex.quote(opts.out)} && {shlex.join(command(opts, env_id, seed))})")
+    if opts.dry_run:  # what each task would run now
+        for task in tasks:
+            resume, _ = launch.own_run(task, launch.task_args(task))
+            print(f"(cd {shlex.quote(task.out)} && {launch.logged(launch.command(task, resume))})")
         sys.exit(0)
-    failed = run_local(opts, tasks)
-    summarize(opts.out)
+    failed = launch.run_local(tasks, opts.workers)
+    (summarize_study if opts.variants else summarize)(opts.out)
     sys.exit(1 if failed else 0)
 
 

@@ -167,22 +167,68 @@ def test_slurm_dry_run_prints_a_valid_array_script(tmp_path):
     script = result.stdout
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid bash
     assert "#SBATCH --array=0-17" in script and "#SBATCH --requeue" in script  # 6 tasks x 3 seeds
-    envs = script.split("ENV_IDS=(")[1].split(")")[0].split()
-    seeds = script.split("SEEDS=(")[1].split(")")[0].split()
-    assert len(envs) == len(seeds) == 18 and envs.count("hopper-hop") == 3 and seeds[:3] == ["1", "2", "3"]
-    assert "--total-timesteps 5000" in script and "--resume" in script
+    assert "#SBATCH --open-mode=append" in script  # a requeued task's Slurm log keeps the first attempt
+    tasks = script.split("TASKS=(\n")[1].split("\n)")[0].splitlines()
+    assert len(tasks) == 18 and sum("hopper-hop" in t for t in tasks) == 3
+    assert tasks[0] == f"'{tmp_path} {ROOT}/qsm_continuous.py cheetah-run 1 --total-timesteps 5000'"
+    assert "launch.py run ${TASKS[$SLURM_ARRAY_TASK_ID]}" in script and "--resume" not in script  # the launcher's
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
 
 
-def test_dry_run_resumes_runs_that_have_a_checkpoint(tmp_path):
-    run_dir = tmp_path / "runs" / "cartpole-balance__qsm_continuous__2__1700000000"
+def fake_checkpointed_run(out, flags, seed=1, copy=ROOT / "qsm_continuous.py", name="qsm_continuous"):
+    """A run directory as the script leaves it, without the training: its copy of the script, a checkpoint's args."""
+    import torch
+    import tyro
+
+    sys.path.insert(0, str(ROOT))
+    import qsm_continuous as qsm
+
+    args = tyro.cli(qsm.Args, args=[*flags, "--env-id", "cartpole-balance", "--seed", str(seed)])
+    run_dir = out / "runs" / f"cartpole-balance__{name}__{seed}__1700000000"
     run_dir.mkdir(parents=True)
-    (run_dir / "checkpoint.pt").write_bytes(b"")
-    result = bench("--dry-run", "--env-ids", "cartpole-balance", "--seeds", "1", "2", "--out", str(tmp_path))
+    (run_dir / copy.name).write_bytes(copy.read_bytes())
+    torch.save({"args": vars(args), "global_step": 100}, run_dir / "checkpoint.pt")
+    return run_dir
+
+
+def test_dry_run_resumes_only_the_same_experiment(tmp_path):
+    fake_checkpointed_run(tmp_path, ["--total-timesteps", "400"], seed=2)  # --total-timesteps may change
+    result = bench("--dry-run", "--env-ids", "cartpole-balance", "--seeds", "1", "2", "--out", str(tmp_path), "--",
+                   "--total-timesteps", "900")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = result.stdout.splitlines()
     assert "--seed 1" in first and "--resume" not in first
-    assert "--seed 2 --resume runs/cartpole-balance__qsm_continuous__2__1700000000" in second
+    assert "--seed 2 --resume runs/cartpole-balance__qsm_continuous__2__1700000000 --total-timesteps 900" in second
+
+
+@pytest.mark.parametrize(
+    ("flags", "copy", "difference"),
+    [
+        (["--M-q", "10"], "qsm_continuous.py", "(--M-q 10.0 there, 50.0 here)"),
+        ([], "README.md", "(made by another qsm_continuous.py than "),  # a run of an edited copy of the file
+    ],
+)
+def test_a_grid_refuses_a_directory_holding_another_experiment(tmp_path, flags, copy, difference):
+    run_dir = fake_checkpointed_run(tmp_path, flags, copy=ROOT / copy)
+    if copy != "qsm_continuous.py":
+        (run_dir / copy).rename(run_dir / "qsm_continuous.py")  # a file of that name, with other text
+    for mode in ([], ["--slurm"]):
+        result = bench("--env-ids", "cartpole-balance", "--seeds", "1", "--out", str(tmp_path), *mode)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith(f"error: {run_dir} is another experiment {difference}")
+        assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [run_dir.name]  # nothing started
+        assert not (tmp_path / "qsm_array.sbatch").exists()  # nothing submitted
+
+
+def test_variants_each_get_their_own_grid_directory(tmp_path):
+    result = bench("--dry-run", "--env-ids", "cartpole-balance", "--seeds", "1", "--out", str(tmp_path),
+                   "--variants", "paper", "small=--M-q 10", "--", "--total-timesteps", "900")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [
+        f"(cd {tmp_path}/paper && python qsm_continuous.py --env-id cartpole-balance --seed 1 --total-timesteps 900)",
+        f"(cd {tmp_path}/small && python qsm_continuous.py --env-id cartpole-balance --seed 1 --M-q 10 "
+        "--total-timesteps 900)",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -190,7 +236,9 @@ def test_dry_run_resumes_runs_that_have_a_checkpoint(tmp_path):
     [
         (["--env-ids", "cheetah_run"], "error: --env-ids 'cheetah_run' is not a dm_control task; valid ids: acrobot"),
         (["--workers", "0"], "error: --workers must be >= 1, got 0"),
-        (["--", "--seed", "3"], "error: --seed after -- is set by benchmark.sh itself; use --env-ids / --seeds"),
+        (["--", "--seed", "3"], "error: --seed in a run's flags is set by benchmark.sh itself; use --env-ids"),
+        (["--variants", "a", "a=--M-q 1"], "error: --variants 'a=--M-q 1': each needs its own NAME of letters"),
+        (["--variants", "x=nowhere.py"], "error: --variants 'x=nowhere.py': no such script "),
     ],
 )
 def test_bad_grid_input_is_one_line(args, expected):
@@ -216,33 +264,31 @@ def test_local_grid_runs_seeds_in_parallel_and_summarises(tmp_path):
 
 
 def test_a_run_stopped_by_a_signal_is_not_reported_done(tmp_path, monkeypatch, capsys):
-    """A signal ends a run with status 0 after a checkpoint: the grid reads its log, says it stopped and counts it."""
+    """A signal ends a run with status 0 after a checkpoint: the pool reads its log, says it stopped and counts it."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import grid
+    import launch
 
-    class StoppedRun:  # what the script does on SIGTERM: a checkpoint, one line, status 0
-        def __init__(self, cmd, stdout, **kwargs):
-            stdout.write("SIGTERM at step 300: checkpoint written to runs/x/checkpoint.pt; continue with ...\n")
-            self.returncode = 0
+    task = launch.Task(str(tmp_path), str(ROOT / "qsm_continuous.py"), "cartpole-balance", 1, ())
 
-        def poll(self):
-            return self.returncode
+    def fake_run(lines):  # the launched task: it appends its lines to the task's log, then ends with status 0
+        class Run:
+            def __init__(self, cmd, **kwargs):
+                assert cmd[2:] == ["run", *launch.task_argv(task)]
+                with open(launch.log_path(task), "a") as f:
+                    f.write(lines)
+                self.returncode = 0
 
-    monkeypatch.setattr(grid.subprocess, "Popen", StoppedRun)
-    opts = grid.parse(["--env-ids", "cartpole-balance", "--seeds", "1", "--workers", "1", "--out", str(tmp_path)])
-    assert grid.run_local(opts, [("cartpole-balance", 1)]) == 1
-    assert (
-        "cartpole-balance seed 1: stopped by a signal; run the same command again to resume it"
-        in capsys.readouterr().out
-    )
+            def poll(self):
+                return self.returncode
 
-    class ResumedRun(StoppedRun):  # the same command again: it resumes and finishes; the log keeps the first stop
-        def __init__(self, cmd, stdout, **kwargs):
-            stdout.write("resumed runs/x at step 300\nstep 600: eval return 10.0 +- 1.0\n")
-            self.returncode = 0
+        return Run
 
-    monkeypatch.setattr(grid.subprocess, "Popen", ResumedRun)
-    assert grid.run_local(opts, [("cartpole-balance", 1)]) == 0
+    stop = "SIGTERM at step 300: checkpoint written to runs/x/checkpoint.pt; continue with ...\n"
+    monkeypatch.setattr(launch.subprocess, "Popen", fake_run(stop))
+    assert launch.run_local([task], workers=1) == 1
+    assert "cartpole-balance seed 1: stopped by a signal; run the same command again" in capsys.readouterr().out
+    monkeypatch.setattr(launch.subprocess, "Popen", fake_run("resumed runs/x at step 300\nstep 600: eval return 1\n"))
+    assert launch.run_local([task], workers=1) == 0  # only this attempt's lines count; the log keeps the first stop
     assert "cartpole-balance seed 1: done in" in capsys.readouterr().out
     assert "checkpoint written to" in (tmp_path / "runs" / "cartpole-balance__seed1.log").read_text()
 

@@ -1,0 +1,213 @@
+"""Starting the grid's runs, locally or as a Slurm array, with one rule for what a task resumes.
+
+A task is (OUT, SCRIPT, ENV_ID, SEED, FLAGS). `python benchmarks/launch.py run OUT SCRIPT ENV_ID SEED FLAGS...` starts
+one, and both the local pool (run_local) and the Slurm array (SBATCH, a template) start every task that way, so the
+two cannot drift apart. In OUT it appends to runs/{ENV_ID}__seed{SEED}.log (every attempt's lines kept), writes the
+command as the attempt's first line, and runs SCRIPT: with --resume of the run in OUT/runs that is this very
+experiment, when there is one with a checkpoint, else as a new run. The same experiment (`compare`): the run's copy of
+its script (qsm_continuous.py keeps one in every run directory) equal to SCRIPT byte for byte, and the same env id,
+seed and flags but those a resume may change (the script's RUN_FIELDS, e.g. --total-timesteps). A run already at its
+last step is left as it is. Another experiment's run is never resumed: the grid refuses, before it starts anything, an
+OUT that holds one for the same task and seed (`conflicts`).
+"""
+
+import dataclasses
+import filecmp
+import functools
+import glob
+import importlib.util
+import os
+import shlex
+import socket
+import string
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.abspath(__file__)
+ENVIRONMENT = dict(os.environ)  # as given: importing the script sets MUJOCO_GL, which the run must choose itself
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    out: str  # the grid (or the study variant's) directory: runs go to OUT/runs/
+    script: str  # absolute path of qsm_continuous.py or a copy of it
+    env_id: str
+    seed: int
+    flags: tuple[str, ...]  # the script's flags shared by the task's grid
+
+
+@functools.cache
+def script_module(script):
+    """The script imported as a module (its Args and RUN_FIELDS), once per script."""
+    spec = importlib.util.spec_from_file_location(f"launched_{abs(hash(script))}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def task_args(task):
+    """The task's arguments as the script would parse them."""
+    import tyro
+
+    qsm = script_module(task.script)
+    return tyro.cli(qsm.Args, args=[*task.flags, "--env-id", task.env_id, "--seed", str(task.seed)])
+
+
+def shown(value):
+    return " ".join(map(str, value)) if isinstance(value, tuple | list) else str(value)
+
+
+def compare(run_dir, task, args):
+    """(what makes run_dir another experiment than the task, one phrase each: [] for the same one; its checkpoint's
+    step, None without a checkpoint)."""
+    import torch
+
+    checkpoint = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.exists(checkpoint):
+        return [], None
+    copy = os.path.join(run_dir, os.path.basename(task.script))
+    if not (os.path.exists(copy) and filecmp.cmp(copy, task.script, shallow=False)):
+        return [f"made by another {os.path.basename(task.script)} than {os.path.relpath(task.script)}"], None
+    state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)  # mmap: the buffer stays unread
+    saved, ignore = state["args"], script_module(task.script).RUN_FIELDS
+    differ = [name for name, value in vars(args).items() if name not in ignore and saved.get(name) != value]
+    flags = [
+        f"--{name.replace('_', '-')} {shown(saved.get(name))} there, {shown(vars(args)[name])} here" for name in differ
+    ]
+    return flags, state["global_step"]
+
+
+def candidates(task, args, any_script=False):
+    """The task's run directories in OUT/runs, newest first (of any script with any_script)."""
+    exp_name = "*" if any_script else glob.escape(args.exp_name)
+    pattern = os.path.join(glob.escape(task.out), "runs", f"{task.env_id}__{exp_name}__{task.seed}__*")
+    return sorted((d for d in glob.glob(pattern) if os.path.isdir(d)), key=os.path.getmtime, reverse=True)
+
+
+def own_run(task, args):
+    """(the run directory of this very experiment that has a checkpoint, its step), or (None, None)."""
+    for run_dir in candidates(task, args):
+        differences, step = compare(run_dir, task, args)
+        if step is not None and not differences:
+            return run_dir, step
+    return None, None
+
+
+def conflicts(tasks):
+    """One line for the first run in a task's OUT that is another experiment of the same env id and seed, or None."""
+    for task in tasks:
+        args = task_args(task)
+        for run_dir in candidates(task, args, any_script=True):
+            differences, _ = compare(run_dir, task, args)
+            if differences:
+                return (f"{run_dir} is another experiment ({'; '.join(differences)}): a grid directory holds one "
+                        "experiment; give this one another --out, or run both as --variants of one study")  # fmt: skip
+    return None
+
+
+def command(task, resume=None):
+    """The script's command line for the task, run in OUT, resuming the run directory `resume` if given."""
+    resume_args = ["--resume", os.path.relpath(resume, task.out)] if resume else []
+    return [sys.executable, task.script, "--env-id", task.env_id, "--seed", str(task.seed), *resume_args, *task.flags]
+
+
+def logged(cmd):
+    """The command as run logs record it: the script relative to the repository, Python as `python`."""
+    return shlex.join(["python", os.path.relpath(cmd[1], ROOT), *cmd[2:]])
+
+
+def log_path(task):
+    return os.path.join(task.out, "runs", f"{task.env_id}__seed{task.seed}.log")
+
+
+def run(task):
+    """One task: its own run resumed (or left alone when at its last step) or a new one; its output to its log."""
+    args = task_args(task)
+    resume, step = own_run(task, args)
+    os.makedirs(os.path.join(task.out, "runs"), exist_ok=True)
+    log = os.open(log_path(task), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    if resume and step >= args.total_timesteps:
+        os.write(log, f"{os.path.relpath(resume, task.out)} is at step {step}, its last: nothing to do\n".encode())
+        sys.exit(0)
+    cmd = command(task, resume)
+    where = f"cores {sorted(os.sched_getaffinity(0))} on {socket.gethostname()}"
+    os.write(log, f"$ {logged(cmd)}  # {where}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    os.chdir(task.out)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.execve(sys.executable, cmd, ENVIRONMENT)
+
+
+def run_local(tasks, workers, cores=None):
+    """Runs the tasks, `workers` at a time, each pinned to its own share of the cores. One thread starts and reaps
+    every run (pinning in preexec_fn is safe only in a process without other threads). Returns the failures."""
+    cores = sorted(cores or os.sched_getaffinity(0))
+    workers = min(workers, len(tasks))
+    share = max(1, len(cores) // workers)
+    free = [cores[i * share : (i + 1) * share] or cores for i in range(workers)]  # one core set per worker
+    print(f"{len(tasks)} runs, {workers} at a time, {share} core(s) each; logs in OUT/runs/ENV__seedN.log", flush=True)
+    pending, running, failed = list(tasks), [], 0
+    while pending or running:
+        while pending and free:
+            task, my_cores = pending.pop(0), free.pop()
+            os.makedirs(os.path.join(task.out, "runs"), exist_ok=True)
+            offset = os.path.getsize(log_path(task)) if os.path.exists(log_path(task)) else 0  # earlier attempts
+            threads = str(len(my_cores))
+            env = {**ENVIRONMENT, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TQDM_DISABLE": "1"}
+            proc = subprocess.Popen([sys.executable, LAUNCH, "run", *task_argv(task)], env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    preexec_fn=lambda cores=my_cores: os.sched_setaffinity(0, cores))  # fmt: skip
+            running.append((proc, task, my_cores, offset, time.time()))
+        time.sleep(1.0)
+        for item in [item for item in running if item[0].poll() is not None]:
+            proc, task, my_cores, offset, start = item
+            running.remove(item)
+            free.append(my_cores)
+            with open(log_path(task)) as f:  # a signal ends a run with status 0 after a checkpoint: not done
+                f.seek(offset)
+                stopped = "checkpoint written to" in f.read()
+            failed += proc.returncode != 0 or stopped
+            status = "stopped by a signal; run the same command again to resume it" if stopped else "done"
+            status = status if proc.returncode == 0 else f"FAILED (status {proc.returncode}, see {log_path(task)})"
+            name = os.path.relpath(task.out)
+            print(f"{name}: {task.env_id} seed {task.seed}: {status} in {time.time() - start:.0f} s", flush=True)
+    return failed
+
+
+def task_argv(task):
+    return [task.out, task.script, task.env_id, str(task.seed), *task.flags]
+
+
+SBATCH = string.Template("""#!/bin/bash
+#SBATCH --job-name=qsm
+#SBATCH --array=0-$last
+#SBATCH --cpus-per-task=$cpus
+#SBATCH --output=$out/slurm-%A_%a.log
+#SBATCH --open-mode=append
+#SBATCH --requeue
+# One task per variant x env id x seed: OUT SCRIPT ENV_ID SEED FLAGS. benchmarks/launch.py starts it: it appends to
+# OUT/runs/ENV_ID__seedSEED.log (every attempt kept) and resumes the task's own run from its checkpoint, or starts it.
+# On pre-emption Slurm sends SIGTERM: the run checkpoints and exits, Slurm requeues the task (--requeue), and the
+# launcher resumes it. Slurm's own lines (a cancellation, a time limit) go to slurm-JOB_TASK.log beside this file.
+set -euo pipefail
+TASKS=(
+$tasks
+)
+export OMP_NUM_THREADS=$${SLURM_CPUS_PER_TASK:-1} TQDM_DISABLE=1
+eval "exec $python $launch run $${TASKS[$$SLURM_ARRAY_TASK_ID]}"
+""")
+
+
+def sbatch_script(tasks, out, cpus):
+    lines = "\n".join(shlex.quote(shlex.join(task_argv(task))) for task in tasks)
+    return SBATCH.substitute(last=len(tasks) - 1, cpus=cpus, out=os.path.abspath(out), tasks=lines,
+                             python=shlex.quote(sys.executable), launch=shlex.quote(LAUNCH))  # fmt: skip
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 6 or sys.argv[1] != "run":
+        sys.exit("usage: python benchmarks/launch.py run OUT SCRIPT ENV_ID SEED [FLAGS...]")
+    out, script, env_id, seed, *flags = sys.argv[2:]
+    run(Task(os.path.abspath(out), os.path.abspath(script), env_id, int(seed), tuple(flags)))
