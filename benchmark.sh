@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks of qsm_continuous.py; the Python lives in benchmarks/ (their docstrings say what each one measures).
 #
-#   bash benchmark.sh [--env-ids ID ...] [--seeds N ...] [--workers N] [--out DIR] [--slurm] [--dry-run] [-- FLAGS]
+#   bash benchmark.sh [--env-ids ID ...] [--seeds N ...] [--variants NAME[=FLAGS] ...] [--workers N] [--out DIR]
+#                     [--slurm] [--cpus-per-task N] [--dry-run] [-- FLAGS]
 #   bash benchmark.sh summary DIR
 #   bash benchmark.sh saturation
 #   bash benchmark.sh bundle DIR [--python-version 3.12]
@@ -9,8 +10,12 @@
 #   bash benchmark.sh speed [--env-ids ID ...] [--modes MODE ...] [--steps N] [--repeats N] [--threads N]
 #                           [--scripts A.py B.py] [--cuda]
 #
-# grid (the default): trains every env id x seed (default: the paper's six tasks, seeds 1 2 3), locally or as a
-# Slurm array (--slurm), resuming runs that have a checkpoint in DIR; then the summary (benchmarks/grid.py).
+# grid (the default): trains every env id x seed (default: the paper's six tasks, seeds 1 2 3) into DIR/runs/, locally
+# or as a Slurm array (--slurm, --cpus-per-task per task); then the summary (benchmarks/grid.py). Each task resumes
+# its own run in DIR, the same script and flags (bar --total-timesteps and the like), or starts it
+# (benchmarks/launch.py); a DIR holding another experiment's run of a task is refused before anything starts.
+# A study in one call: --variants paper "mq120=--M-q 120" "mine=copy.py --T 10" trains each variant, its FLAGS (led by
+# a copy of the script, or not) before the shared ones after --, into DIR/NAME/runs/; the summary compares them.
 # summary: DIR/results.md, results.csv, curves.png and actions_{run}.png from the runs' TensorBoard files.
 # speed: training steps/s, updates/s, acting steps/s, time to the first update and peak memory per task and mode,
 # round-robin over --repeats rounds, with ratios measured within a round (benchmarks/speed.py).

@@ -1,11 +1,10 @@
 """`bash benchmark.sh [grid]` and `bash benchmark.sh summary DIR`: learning curves of qsm_continuous.py.
 
-grid (the default): trains qsm_continuous.py for every env id x seed (defaults: the paper's six DMC tasks, seeds
-1 2 3), FLAGS (everything after --) passed to every run. Locally through a pool of --workers runs (default: one
-per core), each pinned to its share of the cores; each run's log is kept beside its TensorBoard directory in
-DIR/runs/ (default DIR: runs/benchmark). A run that has a checkpoint in DIR resumes it (--resume). --slurm writes
-DIR/qsm_array.sbatch, an array job of one task per env x seed that requeues on pre-emption and resumes from the
-checkpoint, and submits it with sbatch; --dry-run prints the script or the commands instead. Then the summary.
+grid (the default): the command line of a grid or a study, then its summary. Trains qsm_continuous.py for every env id
+x seed (defaults: the paper's six DMC tasks, seeds 1 2 3), FLAGS (everything after --) passed to every run, into
+DIR/runs/ (default DIR: runs/benchmark); with --variants NAME[=FLAGS] ..., every variant too, into DIR/NAME/runs/.
+benchmarks/launch.py starts the tasks (locally --workers at a time, or as a Slurm array with --slurm; --dry-run prints
+the commands or the array script) and owns the rule of what a task resumes. Then the summary.
 summary: reads DIR/runs/*/ TensorBoard files and writes DIR/results.md, DIR/results.csv, DIR/curves.png (eval
 return vs environment steps, mean and min-max over seeds, with SAC and TD3 reference returns) and, per run,
 DIR/actions_{run}.png (the policy's action distribution at a fixed initial state at its last evaluation).
