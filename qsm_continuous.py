@@ -59,7 +59,6 @@ class Args:
     resume: str | None = None
     """continue a run exactly from its run directory or checkpoint (flags not given: the checkpoint's)"""
 
-    # Algorithm specific arguments
     env_id: str = "cheetah-run"
     """the dm_control task as `domain-task`, split at the first `-` (e.g. `ball_in_cup-catch`)"""
     total_timesteps: int = 1_000_000
@@ -283,14 +282,13 @@ def ddpm_sample(denoiser, schedule: DiffusionSchedule, obs: torch.Tensor, temper
 
 def best_of_n(agent: "Agent", obs: torch.Tensor, args: Args) -> torch.Tensor:
     """The policy: of N = best_of_n DDPM samples per state (one sampler call), the best by min_i Q_i(s, a)."""
-    n = args.best_of_n
-    obs_n = obs.repeat_interleave(n, dim=0)  # (B N, S): sample k of state j in row j N + k
+    obs_n = obs.repeat_interleave(args.best_of_n, dim=0)  # (B N, S): sample k of state j in row j N + k
     actions = ddpm_sample(agent.denoiser, agent.schedule, obs_n, args.ddpm_temperature, args.sampler_clip)
-    if n == 1:
+    if args.best_of_n == 1:
         return actions
     with torch.no_grad():
-        q = agent.critic(obs_n, actions).min(dim=0).values.view(-1, n, 1)  # (B, N, 1)
-    return actions.view(-1, n, actions.shape[-1]).take_along_dim(q.argmax(dim=1, keepdim=True), dim=1)[:, 0]
+        q = agent.critic(obs_n, actions).min(dim=0).values.view(-1, args.best_of_n, 1)  # (B, N, 1)
+    return actions.view(-1, args.best_of_n, actions.shape[-1]).take_along_dim(q.argmax(1, keepdim=True), dim=1)[:, 0]
 
 
 def act(agent: "Agent", obs: torch.Tensor, args: Args) -> torch.Tensor:
@@ -320,10 +318,6 @@ class ReplayBuffer:
     pos = property(lambda self: self.added % self.capacity)  # the row the next transition overwrites
     size = property(lambda self: min(self.added, self.capacity))
 
-    def split(self, rows: torch.Tensor) -> Batch:
-        obs, actions, rewards, next_obs, masks = torch.split(rows, self.sizes, dim=-1)
-        return Batch(obs, actions, rewards.squeeze(-1), next_obs, masks.squeeze(-1))
-
     def add(self, obs, action, reward: float, next_obs, mask: float) -> None:
         row = np.concatenate([obs, action, [reward], next_obs, [mask]], dtype=np.float32)
         self.rows[self.pos] = torch.from_numpy(row)
@@ -333,7 +327,8 @@ class ReplayBuffer:
         return torch.randint(0, self.size, (batch_size,), device=self.rows.device)
 
     def gather(self, idx: torch.Tensor) -> Batch:  # separate from sampling: a CUDA graph replays the gather
-        return self.split(self.rows[idx])
+        obs, actions, rewards, next_obs, masks = torch.split(self.rows[idx], self.sizes, dim=-1)
+        return Batch(obs, actions, rewards.squeeze(-1), next_obs, masks.squeeze(-1))
 
 
 # ALGO LOGIC: Algorithm 1's two losses and their updates
@@ -530,7 +525,6 @@ def check_args(args: Args) -> str | None:
         return "--cuda was given but torch sees no CUDA device; drop --cuda or install a CUDA build of torch (README)"
     if args.cudagraphs and not args.cuda:
         return "--cudagraphs needs a CUDA device (--cuda); drop --cudagraphs on the CPU"
-    return None
 
 
 def load_checkpoint(path: str, flag: str) -> tuple[str, dict]:
@@ -553,14 +547,12 @@ def resume_args(args: Args) -> tuple[Args, str, dict]:
     args = tyro.cli(Args, default=dataclasses.replace(saved, resume=args.resume, cuda=torch.cuda.is_available()))
     changed = []
     for name in (f.name for f in dataclasses.fields(Args) if f.name not in RUN_FIELDS):
-        value, was = (
-            " ".join(map(str, v)) if isinstance(v, tuple) else v for v in (vars(a)[name] for a in (args, saved))
-        )
+        now, was = (" ".join(map(str, v)) if isinstance(v, tuple) else v for v in (vars(args)[name], vars(saved)[name]))
         flag = f"--{name.replace('_', '-')}"
-        if value != was and name in RESUME_FIXED:
-            fail(f"--resume: the checkpoint was trained with {flag} {was}, this run asks for {value}; drop {flag} to "
+        if now != was and name in RESUME_FIXED:
+            fail(f"--resume: the checkpoint was trained with {flag} {was}, this run asks for {now}; drop {flag} to "
                  "continue that run, or start a new one")  # fmt: skip
-        changed += [f"{flag} {value} (was {was})"] if value != was else []
+        changed += [f"{flag} {now} (was {was})"] if now != was else []
     if changed:
         print(f"note: resuming with {', '.join(changed)}: the run no longer continues exactly", file=sys.stderr)
     if args.total_timesteps < state["global_step"]:
@@ -578,16 +570,15 @@ def claim_run_dir(run_dir: str | None, args: Args):
             with contextlib.suppress(FileExistsError):
                 os.makedirs(run_dir)
                 break
-        shutil.copy(__file__, run_dir)  # the file that made the run: benchmark.sh resumes a run only with the same
+        shutil.copy(__file__, run_dir)  # the file that made the run (benchmark.sh resumes only runs of the same file)
     lock = open(os.path.join(run_dir, "run.lock"), "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fail(f"{run_dir} is in use by {open(lock.name).read().strip()}; wait for it to end, or stop it and resume")
+    except BlockingIOError:  # the holder wrote the file's last line
+        fail(f"{run_dir} is in use by {open(lock.name).read().splitlines()[-1]}; wait for it, or stop it and resume")
     except OSError as error:  # a filesystem without locks (e.g. Lustre mounted without -o flock)
         print(f"warning: cannot lock {run_dir} ({error.strerror}); keep other processes out of it", file=sys.stderr)
-    lock.truncate(0)
-    print(f"pid {os.getpid()} on {socket.gethostname()}", file=lock, flush=True)
+    print(f"pid {os.getpid()} on {socket.gethostname()}", file=lock, flush=True)  # every holder, one line each
     return run_dir, lock
 
 
@@ -602,8 +593,7 @@ def make_replay_buffer(args: Args, obs_dim: int, action_dim: int, device: torch.
 
 
 def numpy_rng_state(rng) -> tuple:  # a NumPy RandomState's state, its key as a list: weights_only loads it
-    name, key, *rest = rng.get_state()
-    return (name, key.tolist(), *rest)
+    return tuple(v.tolist() if isinstance(v, np.ndarray) else v for v in rng.get_state())
 
 
 def agent_state(agent: Agent, args: Args) -> dict:
@@ -700,8 +690,7 @@ def start_wandb(args: Args, run_name: str, wandb_id: str | None):
             socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), 3.0).close()
         except OSError:
             os.environ["WANDB_MODE"] = "offline"
-            print("wandb: no network; logging offline to ./wandb (upload later: wandb sync --sync-all)",
-                  file=sys.stderr)  # fmt: skip
+            print("wandb: no network; logging offline to ./wandb (to upload: wandb sync --sync-all)", file=sys.stderr)
     return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                       config=vars(args), name=run_name, save_code=True, id=wandb_id, resume="allow")  # fmt: skip
 
@@ -735,8 +724,7 @@ def check_finite(finite: torch.Tensor, metrics: dict, step: int, last_checkpoint
         tensors += [v for opt in optimizers for state in opt.state.values() for v in state.values()]
         finite = finite & torch.stack([tensor.isfinite().all() for tensor in tensors]).all()
     if not finite:
-        bad = [f"{k} ({v.item():.4g})" for k, v in metrics.items() if not torch.isfinite(v)]
-        bad = bad or ["parameters or optimiser states"]
+        bad = [f"{k} ({v.item():.4g})" for k, v in metrics.items() if not v.isfinite()] or ["parameters or Adam state"]
         where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
         fail(f"non-finite {', '.join(bad)} by step {step}; {where} (--resume it with, e.g., a lower --critic-lr)")
 
@@ -840,12 +828,11 @@ if __name__ == "__main__":
 
         # TRY NOT TO MODIFY: evaluate every eval_interval steps and at the end; checkpoint on schedule or on a signal
         steps_done = global_step + args.action_repeat
-        if steps_done % args.eval_interval < args.action_repeat or steps_done >= args.total_timesteps:
+        last = steps_done >= args.total_timesteps
+        if steps_done % args.eval_interval < args.action_repeat or last:
             start_time += evaluate_and_log(agent, args, eval_envs, probe_obs, writer, steps_done)
-        due = args.checkpoint_interval and (steps_done % args.checkpoint_interval < args.action_repeat
-                                            or steps_done >= args.total_timesteps)  # fmt: skip
-        if due or STOP:  # the losses since the last check, and all that the checkpoint saves
-            check_finite(finite, metrics, global_step, last_checkpoint, agent)
+        if STOP or (args.checkpoint_interval and (steps_done % args.checkpoint_interval < args.action_repeat or last)):
+            check_finite(finite, metrics, global_step, last_checkpoint, agent)  # and all that the checkpoint saves
             episode = (obs, episode_return, episode_length, last_return)
             save_atomic(checkpoint, training_state(agent, args, rb, env, steps_done, episode, wandb_run))
             last_checkpoint = f"{checkpoint} (step {steps_done})"

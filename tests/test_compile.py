@@ -108,7 +108,7 @@ def _graph_run(qsm, rb, indices, graphed: bool):
         torch.manual_seed(100 + i)
         metrics = {key: value.clone() for key, value in update(idx).items()}
         agent.actor_scheduler.step()
-        metrics["action"] = policy(rb.split(rb.rows).obs[i : i + 1]).clone()
+        metrics["action"] = policy(rb.gather(torch.tensor([i], device="cuda")).obs).clone()
         metrics["lr"] = torch.tensor(float(agent.actor_optimizer.param_groups[0]["lr"]))
         outputs.append(metrics)
     return _modules(agent), outputs

@@ -106,8 +106,8 @@ def test_sampler_and_loss_use_the_denoisers_own_forward(qsm):
 FORWARD_EDITS = {
     "offset": ("        return self.out(x)\n", "        return self.out(x) + 1e6\n"),
     "residual": (
-        "            x = mish(layer(x))\n",
-        "            x = mish(layer(x)) + (x if x.shape[-1] == layer.out_features else 0)\n",
+        "            x = F.mish(layer(x))\n",
+        "            x = F.mish(layer(x)) + (x if x.shape[-1] == layer.out_features else 0)\n",
     ),
 }
 

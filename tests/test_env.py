@@ -98,8 +98,9 @@ def test_replay_buffer_wraps_around(qsm):
     for i in range(6):  # transitions 4 and 5 overwrite 0 and 1
         rb.add(np.full(2, i, np.float32), np.full(1, i / 10, np.float32), float(i), np.full(2, i + 1, np.float32), 1.0)
     assert rb.size == 4 and rb.pos == 2
-    torch.testing.assert_close(rb.rewards, torch.tensor([4.0, 5.0, 2.0, 3.0]))
-    torch.testing.assert_close(rb.next_obs[:, 0], torch.tensor([5.0, 6.0, 3.0, 4.0]))
+    stored = rb.gather(torch.arange(4))  # the rows in ring order
+    torch.testing.assert_close(stored.rewards, torch.tensor([4.0, 5.0, 2.0, 3.0]))
+    torch.testing.assert_close(stored.next_obs[:, 0], torch.tensor([5.0, 6.0, 3.0, 4.0]))
     torch.manual_seed(0)
     batch = rb.gather(rb.sample_indices(64))
     assert batch.obs.shape == (64, 2) and batch.actions.shape == (64, 1) and batch.rewards.shape == (64,)

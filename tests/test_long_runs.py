@@ -127,7 +127,7 @@ def test_a_nan_in_what_a_checkpoint_saves_stops_the_run_before_it_is_saved(tmp_p
     assert result.returncode == 2
     run_dir = only_run_dir(tmp_path).relative_to(tmp_path)
     assert result.stderr == (
-        f"error: non-finite parameters or optimiser states by step 499; the last good checkpoint "
+        f"error: non-finite parameters or Adam state by step 499; the last good checkpoint "
         f"is {run_dir}/checkpoint.pt (step 400) (--resume it with, e.g., a lower --critic-lr)\n"
     )
     state = torch.load(tmp_path / run_dir / "checkpoint.pt", weights_only=True)
@@ -212,10 +212,10 @@ def test_checkpoint_restores_a_wrapped_ring_buffer_agent_and_task(qsm, tmp_path)
     assert not list(tmp_path.glob("*.tmp"))
 
     restored_agent, restored_rb, restored_env = fresh(1)
-    obs, *rest = qsm.restore(state, restored_agent, args, restored_rb, restored_env)
+    obs, *rest = qsm.restore(str(tmp_path / "checkpoint.pt"), state, restored_agent, args, restored_rb, restored_env)
     assert (restored_rb.added, restored_rb.pos, restored_rb.size) == (13, 3, 10)
     assert torch.equal(restored_rb.rows, rb.rows)
-    assert restored_rb.rewards.tolist() == [10, 11, 12, 3, 4, 5, 6, 7, 8, 9]
+    assert restored_rb.gather(torch.arange(10)).rewards.tolist() == [10, 11, 12, 3, 4, 5, 6, 7, 8, 9]
     assert np.array_equal(obs, episode[0]) and rest == [1.5, 7, 2.5]
     for module in ("critic", "critic_target", "denoiser"):
         for p, q in zip(getattr(agent, module).parameters(), getattr(restored_agent, module).parameters(), strict=True):
@@ -235,7 +235,7 @@ def test_track_without_network_falls_back_to_offline(tmp_path):
         for key, value in old.items():
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "wandb: no network; logging offline to ./wandb (upload later: wandb sync --sync-all)" in result.stderr
+    assert "wandb: no network; logging offline to ./wandb (to upload: wandb sync --sync-all)" in result.stderr
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
