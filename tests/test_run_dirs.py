@@ -45,15 +45,6 @@ def test_a_live_run_is_held_and_its_resume_refused_in_one_line(tmp_path):
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["global_step"] == 1200  # it finished
 
 
-def test_the_lock_is_released_by_kill_9(tmp_path):
-    proc = start_script([*TINY, "--total-timesteps", "5000"], tmp_path)
-    wait_for_file(tmp_path, "runs/*/checkpoint.pt", proc)
-    proc.kill()
-    proc.wait()
-    resumed = run_script(["--resume", str(only_run_dir(tmp_path)), "--total-timesteps", "600"], tmp_path, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-
-
 def test_a_failed_write_leaves_no_partial_file_and_the_last_checkpoint_whole(qsm, tmp_path, monkeypatch, capsys):
     path = tmp_path / "checkpoint.pt"
     qsm.save_atomic(str(path), {"step": 1})
