@@ -16,8 +16,10 @@ flags are read from its first run log, or from DIR/VARIANT/flags.txt where the s
 """
 
 import argparse
+import contextlib
 import csv
 import glob
+import io
 import itertools
 import math
 import os
@@ -512,6 +514,12 @@ def main(argv):
         if env_id not in valid:
             fail(f"--env-ids {env_id!r} is not a dm_control task; valid ids: {', '.join(valid)}")
     tasks = tasks_of(opts)
+    for task in {(task.script, task.flags): task for task in tasks}.values():  # each variant's flags, parsed
+        try:
+            with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+                launch.task_args(task)
+        except SystemExit:
+            fail(f"{shlex.join(task.flags)}: not flags of {os.path.relpath(task.script)} (its --help lists them)")
     if problem := launch.conflicts(tasks):  # before anything starts
         fail(problem)
     if opts.slurm:

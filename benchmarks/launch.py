@@ -42,7 +42,7 @@ class Task:
 def script_module(script):
     """The script imported as a module (its Args and RUN_FIELDS), once per script."""
     spec = importlib.util.spec_from_file_location(f"launched_{abs(hash(script))}", script)
-    module = importlib.util.module_from_spec(spec)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # registered: tyro reads its source
     spec.loader.exec_module(module)
     return module
 
