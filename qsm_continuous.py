@@ -524,7 +524,7 @@ def check_args(args: Args) -> str | None:
     if args.cuda and not torch.cuda.is_available():
         return "--cuda was given but torch sees no CUDA device; drop --cuda or install a CUDA build of torch (README)"
     if args.cudagraphs and not args.cuda:
-        return "--cudagraphs needs a CUDA device (--cuda); drop --cudagraphs on the CPU"
+        return "--cudagraphs needs a CUDA device (--cuda); on the CPU, run with --no-cudagraphs"
 
 
 def load_checkpoint(path: str, flag: str) -> tuple[str, dict]:
@@ -555,9 +555,9 @@ def resume_args(args: Args) -> tuple[Args, str, dict]:
         changed += [f"{flag} {now} (was {was})"] if now != was else []
     if changed:
         print(f"note: resuming with {', '.join(changed)}: the run no longer continues exactly", file=sys.stderr)
-    if args.total_timesteps < state["global_step"]:
-        fail(f"--resume: the checkpoint is at step {state['global_step']}, past --total-timesteps "
-             f"{args.total_timesteps}; raise --total-timesteps to train on")  # fmt: skip
+    if args.total_timesteps <= state["global_step"]:  # so the training loop runs at least once
+        fail(f"--resume: the checkpoint is at step {state['global_step']}, its --total-timesteps is "
+             f"{args.total_timesteps}: nothing to train; raise --total-timesteps to train on")  # fmt: skip
     return args, os.path.dirname(file) or ".", state
 
 
@@ -606,7 +606,7 @@ def training_state(agent: Agent, args: Args, rb: ReplayBuffer, env: DMCEnv, step
     """Everything a run needs to go on exactly as if never stopped, the replay buffer's filled rows included."""
     return agent_state(agent, args) | {
         "global_step": step, "env": env.get_state(), "episode": [torch.from_numpy(episode[0]), *episode[1:]],
-        "buffer": {"rows": rb.rows[: rb.size].cpu().clone(), "added": rb.added},  # a clone: a view saves all rows
+        "buffer": {"rows": rb.rows[: rb.size].to("cpu", copy=True), "added": rb.added},  # one copy: a view saves all
         "wandb_id": run and run.id,
         "rng": {"python": random.getstate(), "numpy": numpy_rng_state(np.random), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None},
@@ -652,7 +652,7 @@ def restore(file: str, state: dict, agent: Agent, args: Args, rb: ReplayBuffer, 
         for group in getattr(agent, name).param_groups:  # this run's rate and graph setting (--cudagraphs may differ)
             group["capturable"] = args.cudagraphs
             group["lr"] = torch.tensor(lr, device=rb.rows.device) if args.cudagraphs else lr
-    rows = state["buffer"]["rows"]
+    rows = state["buffer"].pop("rows")  # not kept alive for the run's life: the buffer holds them now
     rb.rows[: len(rows)], rb.added = rows.to(rb.rows.device), state["buffer"]["added"]
     env.set_state(state["env"])
     random.setstate(state["rng"]["python"])
@@ -836,15 +836,15 @@ if __name__ == "__main__":
             episode = (obs, episode_return, episode_length, last_return)
             save_atomic(checkpoint, training_state(agent, args, rb, env, steps_done, episode, wandb_run))
             last_checkpoint = f"{checkpoint} (step {steps_done})"
-            if STOP:
-                pbar.close()
-                print(f"{STOP[0]} at step {steps_done}: checkpoint written to {checkpoint}; continue with "
-                      f"python {sys.argv[0]} --resume {run_dir}", file=sys.stderr)  # fmt: skip
+            if STOP and not last:  # printed above the progress bar, as the evaluations
+                tqdm.write(f"{STOP[0]} at step {steps_done}: checkpoint written to {checkpoint}; continue with "
+                           f"python {sys.argv[0]} --resume {run_dir}", file=sys.stderr)  # fmt: skip
                 break
 
-    if args.save_model and not STOP:
+    if args.save_model and last:
         save_atomic(f"{run_dir}/{args.exp_name}.pt", agent_state(agent, args) | {"global_step": args.total_timesteps})
         print(f"model saved to {run_dir}/{args.exp_name}.pt")
     writer.close()
     if wandb_run:
         wandb_run.finish()
+    sys.exit(0 if last else 128 + signal.Signals[STOP[0]])  # stopped before its last step: as a shell reports a signal

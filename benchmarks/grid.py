@@ -12,12 +12,14 @@ Reruns: a run in DIR/rerun/runs/ (the same task, seed, command and commit as one
 original: the mean gap between their eval curves against the gaps between the task's seeds.
 A study: DIR holds one grid directory per variant (DIR/VARIANT/runs/), each trained with its own FLAGS; summary then
 compares them: DIR/study.md, study.csv, study_curves.png, and DIR/VARIANT/actions_{run}.png for every run. A variant's
-flags are read from its first run log, or from DIR/VARIANT/flags.txt where the script changed since its runs.
+flags are those its runs recorded (the arguments in their event files that differ from today's defaults), or
+DIR/VARIANT/flags.txt where the script changed since its runs.
 """
 
 import argparse
 import contextlib
 import csv
+import dataclasses
 import glob
 import io
 import itertools
@@ -83,12 +85,17 @@ def parse(argv):
     parser.add_argument("--out", default="runs/benchmark")
     parser.add_argument("--slurm", action="store_true")
     parser.add_argument("--cpus-per-task", type=int, default=2)
+    parser.add_argument("--time")
     parser.add_argument("--dry-run", action="store_true")
     opts = parser.parse_args(argv)
     opts.flags = flags
     for flag in ("--env-id", "--seed", "--resume"):
         if flag in flags or any(flag in shlex.split(v.partition("=")[2]) for v in opts.variants or []):
             fail(f"{flag} in a run's flags is set by benchmark.sh itself; use --env-ids / --seeds")
+    if opts.time and not opts.slurm:
+        fail("--time is a Slurm time limit: use it with --slurm")
+    if opts.time and not launch.slurm_seconds(opts.time):
+        fail(f"--time {opts.time}: not a Slurm time limit; use minutes, HH:MM:SS or D-HH:MM (e.g. 240, 4:00:00)")
     for flag, value in (("--workers", opts.workers), ("--cpus-per-task", opts.cpus_per_task)):
         if value < 1:
             fail(f"{flag} must be >= 1, got {value}")
@@ -125,13 +132,13 @@ def tasks_of(opts):
     ]
 
 
-def valid_env_ids():
+def qsm_module():
+    """qsm_continuous imported (it imports dm_control: only when needed), or one line."""
     try:
-        import qsm_continuous as qsm  # imports dm_control: only when needed
+        import qsm_continuous
     except ImportError as error:
         fail(f"{error}: activate the project's environment first (README, Setup: pip install -r requirements.txt)")
-
-    return qsm.ENV_IDS
+    return qsm_continuous
 
 
 def run_dirs(grid_dir):
@@ -207,33 +214,39 @@ def probe_saturation(acc):
     return statistics.fmean(shares) if shares else float("nan")
 
 
-def variant_flags(command):
-    """A run log's first line, `$ python script --env-id E --seed S [--resume R] FLAGS  # cores`, as the flags that
-    tell the variants apart (the study's shared ones dropped)."""
-    tokens, flags = command.split("#")[0].split()[3:], []
-    while tokens:
-        token = tokens.pop(0)
-        if token in ("--env-id", "--seed", "--resume", "--total-timesteps", "--checkpoint-interval", "--eval-interval"):
-            tokens.pop(0)
-        elif token != "--compile":
-            flags.append(token)
+def recorded_flags(acc, args_type, same_experiment):
+    """The flags of a run as its event file records its arguments (the `hyperparameters` text of a new run) that
+    differ from args_type's defaults, in the script's field order, without the ones in same_experiment (those a
+    resume may change, the env id and the seed); None for a run without the record."""
+    if "hyperparameters/text_summary" not in acc.Tags()["tensors"]:
+        return None
+    table = acc.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
+    recorded = dict(row.strip("|").split("|", 1) for row in table.splitlines()[2:])
+    flags = []
+    for field in dataclasses.fields(args_type):
+        value, default = recorded.get(field.name), str(field.default)
+        if field.name in same_experiment or value is None or value == default:
+            continue
+        flag = f"--{field.name.replace('_', '-')}"
+        if value in ("True", "False"):
+            flags.append(flag if value == "True" else f"--no-{flag[2:]}")
+        else:
+            flags += [flag, value.strip("()").replace(",", "")]  # a tuple (512, 512) as 512 512
     return " ".join(flags) or "(the paper's defaults)"
 
 
 def summarize_study(out):
     """DIR/VARIANT/runs/* for every variant: one table and one figure comparing the variants, task by task."""
+    qsm = qsm_module()
     rows, curves = [], {}
     for variant_dir in sorted(d for d in glob.glob(os.path.join(out, "*")) if os.path.isdir(os.path.join(d, "runs"))):
         variant = os.path.basename(variant_dir)
-        logs = sorted(glob.glob(os.path.join(variant_dir, "runs", "*.log")))
         flags_file = os.path.join(variant_dir, "flags.txt")  # flags in today's terms, where the code changed since
-        if os.path.exists(flags_file):
-            flags = open(flags_file).read().strip()
-        else:
-            flags = variant_flags(open(logs[0]).readline()) if logs else ""
+        flags = open(flags_file).read().strip() if os.path.exists(flags_file) else None
         by_env = {}
         for run_dir, env_id, seed in run_dirs(variant_dir):
             acc = load_run(run_dir)
+            flags = flags or recorded_flags(acc, qsm.Args, (*qsm.RUN_FIELDS, "env_id", "seed"))
             evals, sps = read_run(acc)
             if not evals:
                 continue
@@ -249,7 +262,7 @@ def summarize_study(out):
                          "steps": steps, "final_mean": mean_std(final)[0], "final_std": mean_std(final)[1],
                          "saturation": statistics.fmean(s[3] for s in seeds),
                          "probe_saturation": statistics.fmean(probe_saturation(s[4]) for s in seeds),
-                         "sps": statistics.median(sps) if sps else float("nan"), "flags": flags})  # fmt: skip
+                         "sps": statistics.median(sps) if sps else float("nan"), "flags": flags or "?"})  # fmt: skip
             curves.setdefault(env_id, {})[variant] = [evals for _, evals, *_ in seeds]
     if not rows:
         fail(f"no runs with evaluations under {out}/*/runs/")
@@ -509,7 +522,7 @@ def main(argv):
             opts.summary_only
         )
         sys.exit(0)
-    valid = valid_env_ids()
+    valid = qsm_module().ENV_IDS
     for env_id in opts.env_ids:
         if env_id not in valid:
             fail(f"--env-ids {env_id!r} is not a dm_control task; valid ids: {', '.join(valid)}")
@@ -523,7 +536,7 @@ def main(argv):
     if problem := launch.conflicts(tasks):  # before anything starts
         fail(problem)
     if opts.slurm:
-        script = launch.sbatch_script(tasks, opts.out, opts.cpus_per_task)
+        script = launch.sbatch_script(tasks, opts.out, opts.cpus_per_task, opts.time)
         if opts.dry_run:
             print(script, end="")
             sys.exit(0)
@@ -532,8 +545,10 @@ def main(argv):
         with open(path, "w") as f:
             f.write(script)
         if not shutil.which("sbatch"):
-            fail(f"sbatch not found: wrote {path}; submit it on the cluster with: sbatch {path}")
-        subprocess.run(["sbatch", path], check=True)
+            fail(f"sbatch not found: wrote {path}; on the cluster, from an activated venv: sbatch {path} (its first "
+                 "lines say how to point it at the checkout there)")  # fmt: skip
+        # QSM_PYTHON: the tasks run this Python (sbatch passes the environment on), whatever the node's PATH
+        subprocess.run(["sbatch", path], check=True, env={"QSM_PYTHON": sys.executable, **os.environ})
         print(f"submitted {path}; when the tasks are done: bash benchmark.sh summary {opts.out}")
         sys.exit(0)
     if opts.dry_run:  # what each task would run now

@@ -1,14 +1,15 @@
 """Starting the grid's runs, locally or as a Slurm array, with one rule for what a task resumes.
 
 A task is (OUT, SCRIPT, ENV_ID, SEED, FLAGS). `python benchmarks/launch.py run OUT SCRIPT ENV_ID SEED FLAGS...` starts
-one, and both the local pool (run_local) and the Slurm array (SBATCH, a template) start every task that way, so the
-two cannot drift apart. In OUT it appends to runs/{ENV_ID}__seed{SEED}.log (every attempt's lines kept), writes the
-command as the attempt's first line, and runs SCRIPT: with --resume of the run in OUT/runs that is this very
-experiment, when there is one with a checkpoint, else as a new run. The same experiment (`compare`): the run's copy of
-its script (qsm_continuous.py keeps one in every run directory) equal to SCRIPT byte for byte, and the same env id,
-seed and flags but those a resume may change (the script's RUN_FIELDS, e.g. --total-timesteps). A run already at its
-last step is left as it is. Another experiment's run is never resumed: the grid refuses, before it starts anything, an
-OUT that holds one for the same task and seed (`conflicts`).
+one, and both the local pool (run_local) and the Slurm array (benchmarks/array.sbatch, filled in by sbatch_script)
+start every task that way, so the two cannot drift apart. In OUT it appends to runs/{ENV_ID}__seed{SEED}.log (every
+attempt's lines kept), writes the command as the attempt's first line, and runs SCRIPT: with --resume of the run in
+OUT/runs that is this very experiment, when there is one with a checkpoint, else as a new run. The same experiment
+(`compare`): the run's copy of its script (qsm_continuous.py keeps one in every run directory) equal to SCRIPT byte for
+byte, and the same env id, seed and flags but those a resume may change (the script's RUN_FIELDS, e.g.
+--total-timesteps). A run already at its last step is left as it is. Another experiment's run is never resumed: the
+grid refuses, before it starts anything, an OUT that holds one for the same task and seed (`conflicts`). A task's
+status is its run's: 0 at its last step, 130 or 143 when a signal stopped it before (resumable), else failed.
 """
 
 import dataclasses
@@ -17,15 +18,18 @@ import functools
 import glob
 import importlib.util
 import os
+import re
 import shlex
 import socket
-import string
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.abspath(__file__)
+# a run stopped by SIGINT or SIGTERM exits 128 + the signal after its checkpoint (-signal: killed by it, the last
+# checkpoint whole): it resumes from there
+STOPPED = (130, 143, -2, -15)
 ENVIRONMENT = dict(os.environ)  # as given: importing the script sets MUJOCO_GL, which the run must choose itself
 
 
@@ -133,6 +137,8 @@ def run(task):
         sys.exit(0)
     cmd = command(task, resume)
     where = f"cores {sorted(os.sched_getaffinity(0))} on {socket.gethostname()}"
+    if "SLURM_ARRAY_TASK_ID" in os.environ:  # its Slurm log: OUT/slurm-JOB_TASK.log
+        where += f", Slurm task {os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     os.write(log, f"$ {logged(cmd)}  # {where}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
     os.chdir(task.out)
     os.dup2(log, 1)
@@ -153,24 +159,24 @@ def run_local(tasks, workers, cores=None):
         while pending and free:
             task, my_cores = pending.pop(0), free.pop()
             os.makedirs(os.path.join(task.out, "runs"), exist_ok=True)
-            offset = os.path.getsize(log_path(task)) if os.path.exists(log_path(task)) else 0  # earlier attempts
             threads = str(len(my_cores))
             env = {**ENVIRONMENT, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TQDM_DISABLE": "1"}
             proc = subprocess.Popen([sys.executable, LAUNCH, "run", *task_argv(task)], env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     preexec_fn=lambda cores=my_cores: os.sched_setaffinity(0, cores))  # fmt: skip
-            running.append((proc, task, my_cores, offset, time.time()))
+            running.append((proc, task, my_cores, time.time()))
         time.sleep(1.0)
         for item in [item for item in running if item[0].poll() is not None]:
-            proc, task, my_cores, offset, start = item
+            proc, task, my_cores, start = item
             running.remove(item)
             free.append(my_cores)
-            with open(log_path(task)) as f:  # a signal ends a run with status 0 after a checkpoint: not done
-                f.seek(offset)
-                stopped = "checkpoint written to" in f.read()
-            failed += proc.returncode != 0 or stopped
-            status = "stopped by a signal; run the same command again to resume it" if stopped else "done"
-            status = status if proc.returncode == 0 else f"FAILED (status {proc.returncode}, see {log_path(task)})"
+            if proc.returncode == 0:
+                status = "done"
+            elif proc.returncode in STOPPED:
+                status = "stopped by a signal; run the same command again to resume it"
+            else:
+                status = f"FAILED (status {proc.returncode}, see {log_path(task)})"
+            failed += proc.returncode != 0
             name = os.path.relpath(task.out)
             print(f"{name}: {task.env_id} seed {task.seed}: {status} in {time.time() - start:.0f} s", flush=True)
     return failed
@@ -180,30 +186,44 @@ def task_argv(task):
     return [task.out, task.script, task.env_id, str(task.seed), *task.flags]
 
 
-SBATCH = string.Template("""#!/bin/bash
-#SBATCH --job-name=qsm
-#SBATCH --array=0-$last
-#SBATCH --cpus-per-task=$cpus
-#SBATCH --output=$out/slurm-%A_%a.log
-#SBATCH --open-mode=append
-#SBATCH --requeue
-# One task per variant x env id x seed: OUT SCRIPT ENV_ID SEED FLAGS. benchmarks/launch.py starts it: it appends to
-# OUT/runs/ENV_ID__seedSEED.log (every attempt kept) and resumes the task's own run from its checkpoint, or starts it.
-# On pre-emption Slurm sends SIGTERM: the run checkpoints and exits, Slurm requeues the task (--requeue), and the
-# launcher resumes it. Slurm's own lines (a cancellation, a time limit) go to slurm-JOB_TASK.log beside this file.
-set -euo pipefail
-TASKS=(
-$tasks
-)
-export OMP_NUM_THREADS=$${SLURM_CPUS_PER_TASK:-1} TQDM_DISABLE=1
-eval "exec $python $launch run $${TASKS[$$SLURM_ARRAY_TASK_ID]}"
-""")
+TEMPLATE = os.path.join(ROOT, "benchmarks", "array.sbatch")
 
 
-def sbatch_script(tasks, out, cpus):
-    lines = "\n".join(shlex.quote(shlex.join(task_argv(task))) for task in tasks)
-    return SBATCH.substitute(last=len(tasks) - 1, cpus=cpus, out=os.path.abspath(out), tasks=lines,
-                             python=shlex.quote(sys.executable), launch=shlex.quote(LAUNCH))  # fmt: skip
+def slurm_seconds(time_limit):
+    """Slurm's --time (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS) in seconds; None for another form."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", time_limit)
+    if not match:
+        return None
+    days, *numbers = match.groups()
+    numbers = [int(n) for n in numbers if n is not None]
+    if days is not None:  # D-HH[:MM[:SS]]
+        hours, minutes, seconds = numbers + [0] * (3 - len(numbers))
+    elif len(numbers) == 3:  # HH:MM:SS
+        hours, minutes, seconds = numbers
+    else:  # MM[:SS]
+        hours, (minutes, seconds) = 0, numbers + [0] * (2 - len(numbers))
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def in_repo(path):
+    """An absolute path as the array script names it: relative to the repository when inside it (portable)."""
+    inside = os.path.commonpath([path, ROOT]) == ROOT
+    return os.path.relpath(path, ROOT) if inside else path
+
+
+def sbatch_script(tasks, out, cpus, time_limit=None):
+    """benchmarks/array.sbatch filled in: one array task per Task, run in the repository (--chdir)."""
+    log = f"{in_repo(os.path.abspath(out))}/slurm-%A_%a.log"  # Slurm's lines and the array script's
+    options = ["--job-name=qsm", f"--array=0-{len(tasks) - 1}", f"--cpus-per-task={cpus}", f"--chdir={ROOT}",
+               f"--output={log}", "--open-mode=append", "--requeue"]  # fmt: skip
+    if time_limit:  # USR1 ahead of the limit: 2 minutes, at most half of it, for the last step and the checkpoint
+        options += [f"--time={time_limit}", f"--signal=B:USR1@{min(120, slurm_seconds(time_limit) // 2)}"]
+    if any("--cuda" in task.flags for task in tasks):
+        options.append("--gres=gpu:1")
+    lines = [[in_repo(t.out), in_repo(t.script), t.env_id, str(t.seed), *t.flags] for t in tasks]
+    values = {"options": "\n".join(f"#SBATCH {option}" for option in options),
+              "tasks": "\n".join(shlex.quote(shlex.join(line)) for line in lines)}  # fmt: skip
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m[1]], open(TEMPLATE).read())
 
 
 if __name__ == "__main__":

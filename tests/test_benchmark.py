@@ -23,11 +23,15 @@ def bench(*args, timeout=600):
 PROBE_BINS = np.linspace(-1.0, 1.0, 201)  # the script's probe histogram
 
 
-def fake_run(out, env_id, seed, evals, sps, probe=None, bins=PROBE_BINS):
-    """A run's TensorBoard file: eval returns, SPS and, at the last evaluation, the probe samples of 2 action dims."""
+def fake_run(out, env_id, seed, evals, sps, probe=None, bins=PROBE_BINS, args=None):
+    """A run's TensorBoard file: eval returns, SPS and, at the last evaluation, the probe samples of 2 action dims;
+    given args (an Args), its arguments as the script records them."""
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(out / "runs" / f"{env_id}__qsm_continuous__{seed}__1700000000"))
+    if args is not None:
+        rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
     for step, value in evals:
         writer.add_scalar("eval/episodic_return", value, step)
     for i, value in enumerate(sps):
@@ -137,20 +141,24 @@ def test_mode_counter_on_samples_with_known_modes(name, expected):
 
 
 def test_study_summary_compares_variant_directories(tmp_path):
-    """DIR/VARIANT/runs/: one row per variant and task, the variant's own flags, the probe state's share near +-1."""
-    for variant, final, flags in (("paper", 300.0, ""), ("best16", 500.0, " --best-of-n 16")):
+    """DIR/VARIANT/runs/: one row per variant and task, the variant's own flags (those its runs recorded that differ
+    from the defaults, less those a resume may change), the probe state's share near +-1."""
+    from qsm_continuous import Args
+
+    shared = {"env_id": "cheetah-run", "total_timesteps": 2000, "compile": True, "checkpoint_interval": 0}
+    best16 = {"best_of_n": 16, "normalize_q_grad": True, "actor_hidden_dims": (64, 64)}
+    for variant, final, flags in (("paper", 300.0, {}), ("best16", 500.0, best16)):
         for seed in (1, 2):
-            fake_run(tmp_path / variant, "cheetah-run", seed, [(1000, 100.0), (2000, final + seed)], [10.0])
-            log = tmp_path / variant / "runs" / f"cheetah-run__seed{seed}.log"
-            log.write_text(f"$ python q.py --env-id cheetah-run --seed {seed} --compile --total-timesteps 2000"
-                           f"{flags}  # cores [0]\n")  # fmt: skip
+            args = Args(**shared, **flags, seed=seed)
+            fake_run(tmp_path / variant, "cheetah-run", seed, [(1000, 100.0), (2000, final + seed)], [10.0], args=args)
     fake_run(tmp_path / "older", "cheetah-run", 1, [(2000, 400.0)], [10.0])  # a run of code that changed since:
     (tmp_path / "older" / "flags.txt").write_text("--M-q 7.35\n")  # flags.txt names its flags in today's terms
     result = bench("summary", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     table = (tmp_path / "study.md").read_text()
     assert "| cheetah-run | best16 | 1 2 | 2000 | 501.5 ± 0.5 | nan% | 70% | 10.0 |" in table  # 700 of 1,000 at -1
-    assert "| best16 | `--best-of-n 16` |" in table and "| paper | `(the paper's defaults)` |" in table
+    assert "| best16 | `--actor-hidden-dims 64 64 --normalize-q-grad --best-of-n 16` |" in table
+    assert "| paper | `(the paper's defaults)` |" in table
     assert "| older | `--M-q 7.35` |" in table
     assert (tmp_path / "study_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list(tmp_path.glob("*/actions_*.png"))) == 5  # beside each variant's runs
@@ -161,18 +169,42 @@ def test_summary_without_runs_is_one_line(tmp_path):
     assert result.returncode == 1 and result.stderr == f"error: no runs with evaluations under {tmp_path}/runs/\n"
 
 
+def test_slurm_time_limits_in_seconds():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import launch
+
+    forms = {"90": 5400, "10:30": 630, "4:00:00": 14400, "1-0": 86400, "1-2:30": 95400, "2-0:0:5": 172805}
+    assert {form: launch.slurm_seconds(form) for form in forms} == forms
+    assert [launch.slurm_seconds(form) for form in ("", "soon", "1:2:3:4", "-5", "1.5")] == [None] * 5
+
+
 def test_slurm_dry_run_prints_a_valid_array_script(tmp_path):
-    result = bench("--slurm", "--dry-run", "--out", str(tmp_path), "--", "--total-timesteps", "5000")
+    out = ROOT / "runs" / "dry"  # inside the repository: named relative to it
+    result = bench("--slurm", "--dry-run", "--out", str(out), "--", "--total-timesteps", "5000")
     assert result.returncode == 0, result.stderr[-3000:]
     script = result.stdout
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid bash
     assert "#SBATCH --array=0-17" in script and "#SBATCH --requeue" in script  # 6 tasks x 3 seeds
     assert "#SBATCH --open-mode=append" in script  # a requeued task's Slurm log keeps the first attempt
+    assert f"#SBATCH --chdir={ROOT}\n" in script and "#SBATCH --output=runs/dry/slurm-%A_%a.log" in script
+    assert "#SBATCH --time" not in script and "#SBATCH --signal" not in script and "#SBATCH --gres" not in script
     tasks = script.split("TASKS=(\n")[1].split("\n)")[0].splitlines()
     assert len(tasks) == 18 and sum("hopper-hop" in t for t in tasks) == 3
-    assert tasks[0] == f"'{tmp_path} {ROOT}/qsm_continuous.py cheetah-run 1 --total-timesteps 5000'"
-    assert "launch.py run ${TASKS[$SLURM_ARRAY_TASK_ID]}" in script and "--resume" not in script  # the launcher's
-    assert not list(tmp_path.iterdir())  # a dry run writes nothing
+    assert tasks[0] == "'runs/dry qsm_continuous.py cheetah-run 1 --total-timesteps 5000'"
+    assert sys.executable not in script and "--resume" not in script  # the launcher's
+    assert not out.exists()  # a dry run writes nothing
+
+    # a time limit, with USR1 two minutes ahead (at most half the limit); a GPU request for --cuda runs; an OUT
+    # outside the repository by its absolute path
+    for time_limit, lead in (("4:00:00", 120), ("3", 90), ("1-0", 120)):
+        result = bench("--slurm", "--dry-run", "--env-ids", "cheetah-run", "--seeds", "1", "--time", time_limit,
+                       "--out", str(tmp_path), "--", "--cuda")  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"#SBATCH --time={time_limit}\n#SBATCH --signal=B:USR1@{lead}\n" in result.stdout
+        assert (
+            "#SBATCH --gres=gpu:1\n" in result.stdout
+            and f"'{tmp_path} qsm_continuous.py cheetah-run 1 --cuda'" in result.stdout
+        )
 
 
 def fake_checkpointed_run(out, flags, seed=1, copy=ROOT / "qsm_continuous.py", name="qsm_continuous"):
@@ -239,6 +271,8 @@ def test_variants_each_get_their_own_grid_directory(tmp_path):
         (["--", "--seed", "3"], "error: --seed in a run's flags is set by benchmark.sh itself; use --env-ids"),
         (["--variants", "a", "a=--M-q 1"], "error: --variants 'a=--M-q 1': each needs its own NAME of letters"),
         (["--variants", "x=nowhere.py"], "error: --variants 'x=nowhere.py': no such script "),
+        (["--time", "10"], "error: --time is a Slurm time limit: use it with --slurm"),
+        (["--slurm", "--time", "soon"], "error: --time soon: not a Slurm time limit; use minutes, HH:MM:SS"),
         (["--", "--M-q", "many"], "error: --M-q many --dry-run: not flags of"),  # bench adds --dry-run
     ],
 )
@@ -264,34 +298,31 @@ def test_local_grid_runs_seeds_in_parallel_and_summarises(tmp_path):
     assert (tmp_path / "results.md").exists() and (tmp_path / "curves.png").exists()
 
 
-def test_a_run_stopped_by_a_signal_is_not_reported_done(tmp_path, monkeypatch, capsys):
-    """A signal ends a run with status 0 after a checkpoint: the pool reads its log, says it stopped and counts it."""
+def test_the_pool_reports_each_task_by_its_status(tmp_path, monkeypatch, capsys):
+    """0: done; 128 + SIGTERM or SIGINT (a run stopped after a checkpoint) or killed by one: stopped, to resume, and
+    counted as not done; anything else: failed."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import launch
 
     task = launch.Task(str(tmp_path), str(ROOT / "qsm_continuous.py"), "cartpole-balance", 1, ())
 
-    def fake_run(lines):  # the launched task: it appends its lines to the task's log, then ends with status 0
+    def ending(status):  # the launched task, ending with this status
         class Run:
             def __init__(self, cmd, **kwargs):
                 assert cmd[2:] == ["run", *launch.task_argv(task)]
-                with open(launch.log_path(task), "a") as f:
-                    f.write(lines)
-                self.returncode = 0
+                self.returncode = status
 
             def poll(self):
                 return self.returncode
 
         return Run
 
-    stop = "SIGTERM at step 300: checkpoint written to runs/x/checkpoint.pt; continue with ...\n"
-    monkeypatch.setattr(launch.subprocess, "Popen", fake_run(stop))
-    assert launch.run_local([task], workers=1) == 1
-    assert "cartpole-balance seed 1: stopped by a signal; run the same command again" in capsys.readouterr().out
-    monkeypatch.setattr(launch.subprocess, "Popen", fake_run("resumed runs/x at step 300\nstep 600: eval return 1\n"))
-    assert launch.run_local([task], workers=1) == 0  # only this attempt's lines count; the log keeps the first stop
-    assert "cartpole-balance seed 1: done in" in capsys.readouterr().out
-    assert "checkpoint written to" in (tmp_path / "runs" / "cartpole-balance__seed1.log").read_text()
+    for status, failed, said in [(0, 0, "done in"), (143, 1, "stopped by a signal; run the same command again"),
+                                 (130, 1, "stopped by a signal"), (-15, 1, "stopped by a signal"),
+                                 (1, 1, f"FAILED (status 1, see {launch.log_path(task)})")]:  # fmt: skip
+        monkeypatch.setattr(launch.subprocess, "Popen", ending(status))
+        assert launch.run_local([task], workers=1) == failed
+        assert f"cartpole-balance seed 1: {said}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
