@@ -2,7 +2,7 @@
 # Benchmarks of qsm_continuous.py; the Python lives in benchmarks/ (their docstrings say what each one measures).
 #
 #   bash benchmark.sh [--env-ids ID ...] [--seeds N ...] [--variants NAME[=FLAGS] ...] [--workers N] [--out DIR]
-#                     [--slurm] [--cpus-per-task N] [--dry-run] [-- FLAGS]
+#                     [--slurm] [--cpus-per-task N] [--time LIMIT] [--dry-run] [-- FLAGS]
 #   bash benchmark.sh summary DIR
 #   bash benchmark.sh saturation
 #   bash benchmark.sh bundle DIR [--python-version 3.12]
@@ -11,8 +11,10 @@
 #                           [--scripts A.py B.py] [--cuda]
 #
 # grid (the default): trains every env id x seed (default: the paper's six tasks, seeds 1 2 3) into DIR/runs/, locally
-# or as a Slurm array (--slurm, --cpus-per-task per task); then the summary (benchmarks/grid.py). Each task resumes
-# its own run in DIR, the same script and flags (bar --total-timesteps and the like), or starts it
+# or as a Slurm array (--slurm: benchmarks/array.sbatch filled in, --cpus-per-task per task, a GPU for --cuda flags,
+# --time: a time limit, USR1 ahead of it, the task requeues itself until its run is done); then the summary
+# (benchmarks/grid.py). A task's status is its run's: 0 done, 143/130 stopped by a signal (resume it), else failed.
+# Each task resumes its own run in DIR, the same script and flags (bar --total-timesteps and the like), or starts it
 # (benchmarks/launch.py); a DIR holding another experiment's run of a task is refused before anything starts.
 # A study in one call: --variants paper "mq120=--M-q 120" "mine=copy.py --T 10" trains each variant, its FLAGS (led by
 # a copy of the script, or not) before the shared ones after --, into DIR/NAME/runs/; the summary compares them.
