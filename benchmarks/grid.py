@@ -398,21 +398,22 @@ def summarize(out):
 
 def aggregate_line(runs, rows):
     """The IQM of the normalised score (return / 1000) over the tasks with 3+ seeds, at their common last step, with
-    its 95% confidence interval, and SAC's on the same tasks at the same step."""
+    its 95% confidence interval, and SAC's on the same tasks at the same step. rliable takes a (runs x tasks) matrix:
+    each task gives as many seeds as the one with the fewest, its lowest-numbered; the line names any left out."""
     final = {r["env_id"]: r["steps"] for r in rows}
     tasks = [env_id for env_id, seeds in sorted(runs.items()) if len(seeds) >= 3]
     if not tasks or len({final[env_id] for env_id in tasks}) > 1:
         return "Aggregate: needs a task with 3 or more seeds (every such task at the same last step)."
-    step = final[tasks[0]]
-    qsm = [[runs[env_id][sorted(runs[env_id])[i]][0][step] / 1000 for env_id in tasks] for i in range(3)]
-    line = (
-        f"Aggregate at step {step} over {', '.join(tasks)} (3 seeds each): IQM of the normalised score (return / 1000)"
-    )
-    line += " QSM {:.3f} [{:.3f}, {:.3f}]".format(*iqm_ci(qsm))
+    step, n = final[tasks[0]], min(len(runs[env_id]) for env_id in tasks)
+    used = {env_id: sorted(runs[env_id])[:n] for env_id in tasks}
+    qsm = [[runs[env_id][used[env_id][i]][0][step] / 1000 for env_id in tasks] for i in range(n)]
+    left_out = [f"{env_id} seed {seed}" for env_id in tasks for seed in sorted(runs[env_id])[n:]]
+    line = f"Aggregate at step {step} over {', '.join(tasks)} ({n} seeds each"
+    line += f"; left out: {', '.join(left_out)})" if left_out else ")"
+    line += ": IQM of the normalised score (return / 1000) QSM {:.3f} [{:.3f}, {:.3f}]".format(*iqm_ci(qsm))
     if all(step in SAC.get(env_id, {}) for env_id in tasks):
-        line += ", SAC {:.3f} [{:.3f}, {:.3f}]".format(
-            *iqm_ci([[SAC[e][step][i] / 1000 for e in tasks] for i in range(3)])
-        )
+        sac = [[SAC[env_id][step][i] / 1000 for env_id in tasks] for i in range(3)]
+        line += ", SAC (3 seeds each) {:.3f} [{:.3f}, {:.3f}]".format(*iqm_ci(sac))
     return line + " (95% stratified-bootstrap confidence intervals, rliable)."
 
 

@@ -72,7 +72,7 @@ def test_summary_of_synthetic_runs(tmp_path):
     low, high = (float(x) for x in re.search(r"QSM 0.625 \[([\d.]+), ([\d.]+)\]", aggregate).groups())
     assert 0.3 <= low < 0.625 < high <= 0.8
     sac = sorted([362.4, 236.9, 331.1, 917.8, 509.6, 697.1])[1:-1]
-    assert f"SAC {sum(sac) / 4000:.3f} [" in aggregate
+    assert f"SAC (3 seeds each) {sum(sac) / 4000:.3f} [" in aggregate
     assert "| cheetah-run | 200 ± 82 | 400 ± 82 |" in table  # the curve: 100, 200, 300 at 50k
     # reruns: gap to the original (mean over 50k and 100k) against the gaps between seeds (cheetah-run: 150, 150, 100)
     assert "| cheetah-run | 2 | 100000 | 450 | 500 | 50 | 100-150 | yes |" in table
@@ -83,6 +83,27 @@ def test_summary_of_synthetic_runs(tmp_path):
     assert len(probes) == 14 and {p["modes"] for p in probes} == {"1", "2"}
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list(tmp_path.glob("actions_*.png"))) == 7  # one action-distribution picture per run
+
+
+def test_the_aggregate_takes_every_seed_and_names_those_it_leaves_out():
+    """rliable needs as many seeds per task: five on both tasks are all used (reading three would give 0.400); five
+    against four leave out the fifth, by name."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import grid
+
+    def runs_of(seeds_of):  # {env_id: [final return of seed 1, 2, ...]} at step 100k, as summarize holds them
+        return {env: {seed: ({100_000: r}, [], [], []) for seed, r in enumerate(rs, 1)} for env, rs in seeds_of.items()}
+
+    rows = [{"env_id": env, "steps": 100_000} for env in ("cheetah-run", "walker-walk")]
+    five = grid.aggregate_line(
+        runs_of({"cheetah-run": [100, 200, 300, 400, 500], "walker-walk": [500, 600, 700, 800, 900]}), rows
+    )
+    assert "(5 seeds each): IQM of the normalised score (return / 1000) QSM 0.500 [" in five  # trim 2 of 10 per end
+    assert "SAC (3 seeds each)" in five
+    uneven = grid.aggregate_line(
+        runs_of({"cheetah-run": [100, 200, 300, 400, 900], "walker-walk": [600, 700, 800, 900]}), rows
+    )
+    assert "(4 seeds each; left out: cheetah-run seed 5): IQM" in uneven and "QSM 0.500 [" in uneven  # .3 .4 .6 .7
 
 
 def test_the_aggregate_interval_is_reproducible():
