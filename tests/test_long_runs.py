@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import edited_copy
-from test_script import SCRIPT, SMALL, only_run_dir, read_scalars, run_script
+from test_script import SCRIPT, SMALL, on_the_cpu, only_run_dir, read_scalars, run_script
 
 BASE = ["--env-id", "cartpole-swingup", "--learning-starts", "400", "--eval-interval", "600", "--eval-episodes", "1"]
 BASE += SMALL
@@ -24,7 +24,7 @@ def logged(run_dir):
 
 def start_script(args, cwd):
     env = {**os.environ, "MUJOCO_GL": "disable", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, text=True,
+    return subprocess.Popen([sys.executable, str(SCRIPT), *on_the_cpu(args)], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
 
 
@@ -185,6 +185,20 @@ def test_bad_checkpoints_give_one_line_and_touch_nothing(checkpointed, tmp_path,
     assert damage != "truncate" or "checkpoint.pt (RuntimeError)" in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert _snapshot(copy) == before  # nothing written, nothing overwritten
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+def test_a_cudagraphs_checkpoint_without_a_gpu_names_the_flag_to_pass(checkpointed, tmp_path):
+    """--cudagraphs comes from the checkpoint, not from the user: the one line names the flag that resumes it."""
+    copy = tmp_path / checkpointed.name
+    shutil.copytree(checkpointed, copy)
+    state = torch.load(copy / "checkpoint.pt", weights_only=True)
+    torch.save(state | {"args": state["args"] | {"cudagraphs": True}}, copy / "checkpoint.pt")
+    refused = run_script(["--resume", str(copy)], tmp_path, timeout=120)
+    assert refused.returncode == 2
+    assert refused.stderr == "error: --cudagraphs needs a CUDA device (--cuda); on the CPU, run with --no-cudagraphs\n"
+    resumed = run_script(["--resume", str(copy), "--no-cudagraphs", "--total-timesteps", "500"], tmp_path)
+    assert resumed.returncode == 0 and f"resumed {copy} at step 450" in resumed.stderr, resumed.stderr[-3000:]
 
 
 def test_resume_from_nowhere(tmp_path):

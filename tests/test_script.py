@@ -14,12 +14,18 @@ SCRIPT = ROOT / "qsm_continuous.py"
 SMALL = ["--critic-hidden-dims", "64", "64", "--actor-hidden-dims", "64", "64"]
 
 
+def on_the_cpu(args):
+    """The args, on the CPU unless they ask for --cuda: exact resumes are promised on the CPU only (README)."""
+    return [*args] if "--cuda" in args else [*args, "--no-cuda"]
+
+
 def run_script(args, cwd, timeout=900, gl="disable", script=SCRIPT):
     # one thread: these runs use small networks, and two runs never fight over the cores
     env = {**os.environ, "MUJOCO_GL": gl, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
-    )
+        [sys.executable, str(script), *on_the_cpu(args)], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env=env,
+    )  # fmt: skip
 
 
 def only_run_dir(cwd):
@@ -179,7 +185,10 @@ def test_action_repeat_counts_environment_steps(tmp_path):
         (["--batch-size", "512", "--buffer-size", "100"], "--batch-size 512 exceeds --buffer-size 100"),
         (["--M-q", "-1"], "--M-q must be positive, got -1.0"),
         (["--critic-hidden-dims"], "--critic-hidden-dims needs one or more positive sizes"),
-        (["--no-cuda", "--cudagraphs"], "--cudagraphs needs a CUDA device (--cuda); drop --cudagraphs on the CPU"),
+        (
+            ["--no-cuda", "--cudagraphs"],
+            "--cudagraphs needs a CUDA device (--cuda); on the CPU, run with --no-cudagraphs",
+        ),
         (["--seed", "-1"], "--seed must be in [0, 2^32 - 20000), got -1"),
         (["--seed", "4294967290"], "--seed must be in [0, 2^32 - 20000), got 4294967290"),
         (["--exploration-noise", "nan"], "--exploration-noise must be finite, got nan"),
