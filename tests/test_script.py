@@ -185,21 +185,40 @@ def test_action_repeat_counts_environment_steps(tmp_path):
         (["--batch-size", "512", "--buffer-size", "100"], "--batch-size 512 exceeds --buffer-size 100"),
         (["--M-q", "-1"], "--M-q must be positive, got -1.0"),
         (["--critic-hidden-dims"], "--critic-hidden-dims needs one or more positive sizes"),
-        (
-            ["--no-cuda", "--cudagraphs"],
-            "--cudagraphs needs a CUDA device (--cuda); on the CPU, run with --no-cudagraphs",
-        ),
+        (["--no-cuda", "--cudagraphs"], "--cudagraphs needs a CUDA device (--cuda); on the CPU, run with --no-"),
         (["--seed", "-1"], "--seed must be in [0, 2^32 - 20000), got -1"),
         (["--seed", "4294967290"], "--seed must be in [0, 2^32 - 20000), got 4294967290"),
         (["--exploration-noise", "nan"], "--exploration-noise must be finite, got nan"),
         (["--gamma", "1.5"], "--gamma must be in [0, 1], got 1.5"),
         (["--critic-lr", "inf"], "--critic-lr must be finite, got inf"),
-        (["--buffer-size", "1000000000000"], "--buffer-size 1000000000000: the replay buffer needs 156462.2 GiB"),
         (["--num-q", "0"], "--num-q must be positive, got 0"),
         (["--best-of-n", "0"], "--best-of-n must be positive, got 0"),
     ],
+)  # fmt: skip
+def test_bad_input_is_named_in_one_line(qsm, args, expected):
+    """check_args, which the script calls before anything starts: the first problem, one line naming the flag."""
+    import tyro
+
+    problem = qsm.check_args(tyro.cli(qsm.Args, args=args))
+    assert problem.startswith(expected) and "\n" not in problem, problem
+
+
+def test_cuda_request_without_cuda(qsm):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert qsm.check_args(qsm.Args(cuda=True)).startswith("--cuda was given but torch sees no CUDA")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--env-id", "cheetah_run"], "--env-id 'cheetah_run' is not a dm_control task; valid ids: acrobot-swingup"),
+        (["--buffer-size", "1000000000000"], "--buffer-size 1000000000000: the replay buffer needs 156462.2 GiB"),
+    ],
 )
-def test_bad_input_is_one_line_exit_2(tmp_path, args, expected):
+def test_bad_input_exits_2_in_one_line_before_anything_starts(tmp_path, args, expected):
+    """The script as a user runs it: check_args' line (or, for memory, the buffer's own) on stderr, exit 2, and no
+    run directory."""
     result = run_script(args, tmp_path, timeout=120)
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {expected}")
@@ -212,22 +231,17 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, expected):
     [("--score-target", "Paper", "paper, denoising"), ("--sampler-clip", "X_T", "x_t, x0_hat, final"),
      ("--beta-schedule", "sigmoid", "vp, cosine, linear")],
 )  # fmt: skip
-def test_a_choice_outside_its_literal_is_refused_by_tyro(tmp_path, flag, value, choices):
+def test_a_choice_outside_its_literal_is_refused_by_tyro(qsm, capsys, flag, value, choices):
     """The choices are Literal types: tyro refuses any other value (a wrong case too) in its own error box, listing
-    them, before anything starts; --help lists them too."""
-    result = run_script([flag, value], tmp_path, timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    text = " ".join(result.stderr.replace("│", " ").split())  # the box's text, unwrapped
+    them, before anything starts (exit 2)."""
+    import tyro
+
+    with pytest.raises(SystemExit) as exit_:
+        tyro.cli(qsm.Args, args=[flag, value])
+    assert exit_.value.code == 2
+    text = " ".join(capsys.readouterr().err.replace("│", " ").split())  # the box's text, unwrapped
     assert f"invalid choice '{value}' for argument '{flag}'" in text
     assert all(f"'{choice}'" in text for choice in choices.split(", "))
-    assert not (tmp_path / "runs").exists()
-
-
-def test_cuda_request_without_cuda(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    result = run_script(["--cuda"], tmp_path, timeout=120)
-    assert result.returncode == 2 and result.stderr.startswith("error: --cuda was given but torch sees no CUDA")
 
 
 def test_help_documents_every_flag(qsm, tmp_path):
