@@ -298,8 +298,19 @@ def test_variants_each_get_their_own_grid_directory(tmp_path):
     ],
 )
 def test_bad_grid_input_is_one_line(args, expected):
-    result = bench(*args, "--dry-run")
-    assert result.returncode == 1 and result.stderr.startswith(expected) and result.stderr.count("\n") == 1
+    """grid.main in this process: it ends in sys.exit("error: ..."), which Python prints as the one line, exit 1."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import grid
+
+    with pytest.raises(SystemExit) as exit_:
+        grid.main([*args, "--dry-run"])
+    assert exit_.value.code.startswith(expected) and "\n" not in exit_.value.code
+
+
+def test_bad_grid_input_exits_1_in_one_line():
+    result = bench("--env-ids", "cheetah_run", "--dry-run")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: --env-ids 'cheetah_run' is not a dm_control task; valid ids: acrobot")
 
 
 def test_local_grid_runs_seeds_in_parallel_and_summarises(tmp_path):
