@@ -35,6 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import qsm_continuous as qsm  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import events  # noqa: E402
+
 LEARNING_STARTS = 500
 
 
@@ -154,8 +157,6 @@ def pieces(env_id: str, mode: str, cuda: bool) -> tuple[float, float]:
 
 def training(script: str, env_id: str, mode: str, opts) -> tuple[float, float, float]:
     """Trains the script; returns (median training steps/s, s to the first update, peak RSS in MiB)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     with tempfile.TemporaryDirectory() as cwd:
         cmd = [sys.executable, script, "--env-id", env_id, "--seed", "1", "--checkpoint-interval", "0"]
         cmd += ["--total-timesteps", str(LEARNING_STARTS + opts.steps), "--learning-starts", str(LEARNING_STARTS)]
@@ -168,10 +169,9 @@ def training(script: str, env_id: str, mode: str, opts) -> tuple[float, float, f
         if status != 0:
             sys.exit(f"error: training run failed ({' '.join(cmd)}):\n{stderr[-2000:]}")
         (run_dir,) = os.listdir(os.path.join(cwd, "runs"))
-        acc = EventAccumulator(os.path.join(cwd, "runs", run_dir), size_guidance={"scalars": 0})
-        acc.Reload()
-        events = acc.Scalars("losses/qf1_loss")
-        windows = [(b.step - a.step) / (b.wall_time - a.wall_time) for a, b in itertools.pairwise(events)]
+        acc = events.load_run(os.path.join(cwd, "runs", run_dir))
+        losses = acc.Scalars("losses/qf1_loss")  # with their wall times
+        windows = [(b.step - a.step) / (b.wall_time - a.wall_time) for a, b in itertools.pairwise(losses)]
         started = acc.Scalars("charts/actor_lr")[0].wall_time  # logged right after the first update
         first_update = started - acc.Tensors("hyperparameters/text_summary")[0].wall_time
         return statistics.median(windows[2:]), first_update, usage.ru_maxrss / 1024

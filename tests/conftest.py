@@ -1,13 +1,11 @@
-import importlib.util
+"""Fixtures shared by the test modules (helpers.py holds the plain functions). The repository, benchmarks/ and tests/
+are on the path (pyproject.toml's pythonpath)."""
+
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("MUJOCO_GL", "disable")
+os.environ.setdefault("MUJOCO_GL", "disable")  # before anything imports dm_control: no display probe
 
 
 @pytest.fixture(scope="session")
@@ -15,22 +13,3 @@ def qsm():
     import qsm_continuous
 
     return qsm_continuous
-
-
-def edited_copy(directory: Path, *edits: tuple[str, str]) -> Path:
-    """qsm_continuous.py copied into directory with each (old, new) edit made where old occurs, once: the file as a
-    user modifies it for an ablation (its body edited in place, not subclassed)."""
-    source = (ROOT / "qsm_continuous.py").read_text()
-    for old, new in edits:
-        assert source.count(old) == 1, f"the edit's anchor must occur once: {old!r}"
-        source = source.replace(old, new)
-    path = directory / "qsm_edited.py"
-    path.write_text(source)
-    return path
-
-
-def import_path(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

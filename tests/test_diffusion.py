@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import edited_copy, import_path
+from helpers import edited_copy, import_path
 
 
 def test_vp_schedule_matches_the_papers_values(qsm):
@@ -174,13 +174,24 @@ def test_sampler_at_temperature_zero_is_the_hand_written_chain(qsm, denoiser):
 
 
 def test_sampler_without_clipping_can_leave_the_box_only_before_the_last_clip(qsm, denoiser):
-    """--sampler-clip final skips the per-step clip; the returned action is still clipped once at the end."""
+    """--sampler-clip final skips the per-step clip: the chain's intermediate x_t (what the denoiser is called on)
+    leaves [-1, 1]; with x_t every one after x_T stays inside; the returned action is clipped once at the end."""
+    seen = []
+
+    class Recording(torch.nn.Module):  # the denoiser, recording the x_t of every call
+        action_dim = denoiser.action_dim
+
+        def forward(self, obs, x, t):
+            seen.append(x.abs().max().item())
+            return denoiser(obs, x, t)
+
     schedule = qsm.DiffusionSchedule("vp", 5)
     obs, x_T = torch.randn(256, 5), 4 * torch.randn(256, 3)
-    clipped = qsm.ddpm_sample(denoiser, schedule, obs, temperature=0.0, clip="x_t", x_T=x_T)
-    free = qsm.ddpm_sample(denoiser, schedule, obs, temperature=0.0, clip="final", x_T=x_T)
-    assert free.abs().max() <= 1
-    assert not torch.equal(clipped, free)
+    clipped = qsm.ddpm_sample(Recording(), schedule, obs, temperature=0.0, clip="x_t", x_T=x_T)
+    inside, seen[:] = seen[1:], []  # x_T itself is never clipped
+    free = qsm.ddpm_sample(Recording(), schedule, obs, temperature=0.0, clip="final", x_T=x_T)
+    assert len(inside) == 4 and max(inside) <= 1 and max(seen[1:]) > 1
+    assert free.abs().max() <= 1 and not torch.equal(clipped, free)
 
 
 class ConstantNoise(torch.nn.Module):

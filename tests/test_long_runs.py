@@ -3,40 +3,19 @@
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import edited_copy
-from test_script import SCRIPT, SMALL, on_the_cpu, only_run_dir, read_scalars, run_script
+from helpers import BASE, edited_copy, only_run_dir, read_scalars, run_script, start_script, wait_for_file
 
-BASE = ["--env-id", "cartpole-swingup", "--learning-starts", "400", "--eval-interval", "600", "--eval-episodes", "1"]
-BASE += SMALL
+pytestmark = pytest.mark.slow  # runs of the script in subprocesses
 
 
 def logged(run_dir):
     """Every scalar the run logged, wall-clock rates aside."""
     return {tag: values for tag, values in read_scalars(run_dir).items() if tag != "charts/SPS"}
-
-
-def start_script(args, cwd):
-    env = {**os.environ, "MUJOCO_GL": "disable", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(SCRIPT), *on_the_cpu(args)], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-
-
-def wait_for_file(cwd, pattern, proc, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        found = list(cwd.glob(pattern))
-        if found:
-            return found[0]
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.02)
-    raise AssertionError(f"no {pattern} after {timeout} s")
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +173,7 @@ def test_a_cudagraphs_checkpoint_without_a_gpu_names_the_flag_to_pass(checkpoint
     shutil.copytree(checkpointed, copy)
     state = torch.load(copy / "checkpoint.pt", weights_only=True)
     torch.save(state | {"args": state["args"] | {"cudagraphs": True}}, copy / "checkpoint.pt")
-    refused = run_script(["--resume", str(copy)], tmp_path, timeout=120)
+    refused = run_script(["--resume", str(copy), "--total-timesteps", "500"], tmp_path, timeout=120)
     assert refused.returncode == 2
     assert refused.stderr == "error: --cudagraphs needs a CUDA device (--cuda); on the CPU, run with --no-cudagraphs\n"
     resumed = run_script(["--resume", str(copy), "--no-cudagraphs", "--total-timesteps", "500"], tmp_path)

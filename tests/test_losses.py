@@ -5,7 +5,7 @@ import types
 import pytest
 import torch
 import tyro
-from conftest import edited_copy, import_path
+from helpers import edited_copy, import_path
 
 
 class QuadraticCritic:

@@ -9,9 +9,9 @@ import time
 
 import pytest
 import torch
-from conftest import edited_copy
-from test_long_runs import BASE, start_script, wait_for_file
-from test_script import SCRIPT, only_run_dir, run_script
+from helpers import BASE, SCRIPT, edited_copy, only_run_dir, run_script, start_script, wait_for_file
+
+pytestmark = pytest.mark.slow  # runs of the script in subprocesses
 
 TINY = ["--env-id", "cartpole-balance", "--learning-starts", "100", "--eval-interval", "300", "--eval-episodes", "1"]
 TINY += ["--critic-hidden-dims", "16", "--actor-hidden-dims", "16", "--checkpoint-interval", "200"]

@@ -8,13 +8,12 @@ import os
 import re
 import shutil
 import subprocess
-import time
 
 import pytest
 import torch
-from test_benchmark import ROOT, bench
+from helpers import ROOT, bench, wait_until
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 SMALL = ["--learning-starts", "300", "--eval-episodes", "1", "--critic-hidden-dims", "16", "--actor-hidden-dims", "16"]
 FLAGS = ["--total-timesteps", "3000", "--eval-interval", "500", "--checkpoint-interval", "500", *SMALL]
 
@@ -56,16 +55,15 @@ def job_state(task):
 
 
 def wait_for(condition, timeout, what, release=None):
-    """Polls condition; releases the tasks of job `release` that Slurm holds after a requeue (~2 minutes)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return
+    """wait_until, releasing the tasks of job `release` that Slurm holds after a requeue (~2 minutes)."""
+
+    def check():
         if release and "BeginTime" in slurm("squeue", "-h", "-o", "%r", "-j", release):
             for task in slurm("squeue", "-h", "-o", "%i", "-j", release).split():
                 slurm("scontrol", "update", f"JobId={task}", "StartTime=now")
-        time.sleep(1)
-    raise AssertionError(f"{what}: not within {timeout} s")
+        return condition()
+
+    wait_until(check, timeout, what, poll=1)
 
 
 def done(job):

@@ -1,0 +1,319 @@
+"""Reports and plots of a grid or a study, from its runs (events.py) and their statistics (stats.py).
+
+summarize(DIR): DIR/runs/* -> DIR/results.md, results.csv, curves.csv, probes.csv, curves.png and actions_{run}.png
+(per task the eval return over seeds at each evaluation and at the last step every seed reached, SAC at the same step,
+the aggregate IQM, the probe state's share near the bounds and its modes; reruns in DIR/rerun/runs/ against their
+originals). summarize_study(DIR): DIR/VARIANT/runs/* -> DIR/study.md, study.csv, study_curves.png and
+DIR/VARIANT/actions_{run}.png, one row per variant and task, each variant named by the flags its runs recorded (or by
+DIR/VARIANT/flags.txt, in today's terms, where the script changed since its runs).
+"""
+
+import csv
+import glob
+import itertools
+import math
+import os
+import statistics
+import sys
+
+import events
+import numpy as np
+import stats
+from stats import MODE_BANDWIDTH, MODE_PROMINENCE, NEAR_BOUND
+
+# SAC at equal steps: the eval return of seeds 1, 2, 3 at 0 and 100k environment steps in TD-MPC2's published
+# results/sac/{task}.csv (github.com/nicklashansen/tdmpc2; points every 100k). Best published at 100k: the methods' own
+# result files (README, Results).
+SAC = {
+    "cheetah-run": {0: (0.1, 0.1, 0.1), 100_000: (362.4, 236.9, 331.1)},
+    "walker-walk": {0: (21.9, 21.7, 18.6), 100_000: (917.8, 509.6, 697.1)},
+    "walker-run": {0: (21.4, 21.2, 18.2), 100_000: (367.8, 355.7, 295.2)},
+    "quadruped-walk": {0: (51.5, 209.6, 198.4), 100_000: (59.6, 19.6, 86.5)},
+    "hopper-hop": {0: (0.1, 0.0, 0.0), 100_000: (0.0, 0.0, 0.0)},
+    "humanoid-walk": {0: (0.9, 0.8, 0.8), 100_000: (0.9, 1.4, 1.0)},
+}
+BEST_100K = {
+    "cheetah-run": "648 (MR.Q)",
+    "walker-walk": "967 (BRO)",
+    "walker-run": "723 (TD-MPC2)",
+    "quadruped-walk": "906 (SimbaV2)",
+    "hopper-hop": "176 (SimbaV2)",
+    "humanoid-walk": "34 (SimbaV2)",
+}
+SOURCES = "SAC: TD-MPC2's published result files (3 seeds); best published: the methods' own result files"
+# At the study's step counts (the saturation issue): SAC at 100k (TD-MPC2's files), the best published at 100k/30k.
+EARLY_REFERENCES = {"cheetah-run": {"SAC @100k": 310, "MR.Q @100k": 648},
+                    "walker-walk": {"SAC @100k": 708, "BRO @100k": 967},
+                    "cartpole-swingup": {"MR.Q/BRO @25-30k": 414}}  # fmt: skip
+
+
+def fail(message):
+    sys.exit(f"error: {message}")
+
+
+def summarize(out):
+    """DIR/runs/*: per task the eval return over seeds at each evaluation and at the last step every seed reached,
+    SAC at the same step, the IQM over the tasks with 3+ seeds, and the probe state's share near +-1 and modes."""
+    runs, probes = {}, []
+    for run_dir, env_id, seed in events.run_dirs(out):
+        acc = events.load_run(run_dir)
+        evals, sps = dict(events.scalar(acc, "eval/episodic_return")), events.scalar(acc, "charts/SPS")
+        if not evals:
+            continue
+        step, points = events.probe(acc)
+        shares, modes = [stats.near_bounds(*p) for p in points], [stats.count_modes(*p) for p in points]
+        runs.setdefault(env_id, {})[seed] = (evals, [v for _, v in sps], shares, modes)
+        probes += [{"env_id": env_id, "seed": seed, "step": step, "action_dim": dim, "near_bounds": share,
+                    "modes": n} for dim, (share, n) in enumerate(zip(shares, modes, strict=True))]  # fmt: skip
+        plot_actions(out, run_dir, acc)
+    if not runs:
+        fail(f"no runs with evaluations under {out}/runs/")
+    rows, curves = [], []
+    for env_id, seeds in sorted(runs.items()):
+        steps, finals = stats.last_common_step([evals for evals, *_ in seeds.values()])
+        common = sorted(set.intersection(*(set(evals) for evals, *_ in seeds.values())))
+        for step in common:
+            mean, std = stats.mean_std([evals[step] for evals, *_ in seeds.values()])
+            curves.append({"env_id": env_id, "step": step, "seeds": len(seeds), "mean": mean, "std": std})
+        sac = SAC.get(env_id, {}).get(steps)
+        modes = [n for *_, ms in seeds.values() for n in ms]
+        final_mean, final_std = stats.mean_std(finals)
+        sac_mean, sac_std = stats.mean_std(sac) if sac else (math.nan, math.nan)
+        rows.append({
+            "env_id": env_id, "seeds": " ".join(map(str, sorted(seeds))), "steps": steps,
+            "final_mean": final_mean, "final_std": final_std,
+            "sac_mean": sac_mean, "sac_std": sac_std,
+            "best_published_100k": BEST_100K.get(env_id, "-"),
+            "near_bounds": statistics.fmean(s for *_, shares, _ in seeds.values() for s in shares or [math.nan]),
+            "modes_mean": statistics.fmean(modes) if modes else math.nan,
+            "multimodal": sum(n > 1 for n in modes) / len(modes) if modes else math.nan,
+            "sps": stats.median_sps([sps for _, sps, *_ in seeds.values()]),
+        })  # fmt: skip
+    write_csv(os.path.join(out, "results.csv"), rows)
+    write_csv(os.path.join(out, "curves.csv"), curves)
+    if probes:
+        write_csv(os.path.join(out, "probes.csv"), probes)
+    lines = ["| task | seeds | steps | QSM eval return | SAC, same step | best published @100k | probe: near ±1 | "
+             "probe: modes per action | components with 2+ modes | train steps/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        sac = f"{r['sac_mean']:.0f} ± {r['sac_std']:.0f}" if not math.isnan(r["sac_mean"]) else "-"
+        lines.append(f"| {r['env_id']} | {r['seeds']} | {r['steps']} | {r['final_mean']:.1f} ± {r['final_std']:.1f} | "
+                     f"{sac} | {r['best_published_100k']} | {r['near_bounds']:.0%} | {r['modes_mean']:.2f} | "
+                     f"{r['multimodal']:.0%} | {r['sps']:.1f} |")  # fmt: skip
+    lines += ["", aggregate_line(runs, rows), "", "Learning curves, mean ± std over seeds:", ""]
+    steps = sorted({c["step"] for c in curves})
+    lines += ["| task | " + " | ".join(f"{s // 1000}k" if s % 1000 == 0 else str(s) for s in steps) + " |",
+              "|---|" + "---|" * len(steps)]  # fmt: skip
+    for env_id in sorted(runs):
+        at = {c["step"]: f"{c['mean']:.0f} ± {c['std']:.0f}" for c in curves if c["env_id"] == env_id}
+        lines.append(f"| {env_id} | " + " | ".join(at.get(s, "") for s in steps) + " |")
+    lines += ["", "Eval return: mean ± std (population) over seeds at the last step that every seed of the task "
+              "reached (5 episodes per evaluation by default). Probe: 1,000 actions sampled at the task's fixed "
+              f"initial state at each run's last evaluation; near ±1: within {NEAR_BOUND} of a bound; modes: local "
+              f"maxima of a Gaussian kernel density estimate (bandwidth {MODE_BANDWIDTH}) with a prominence of at "
+              f"least {MODE_PROMINENCE:.0%} of the highest, per action component, averaged over components and seeds.",
+              f"References: {SOURCES}.", ""]  # fmt: skip
+    lines += rerun_lines(out, runs)
+    write_markdown(os.path.join(out, "results.md"), lines)
+    plot(out, runs)
+    print(f"wrote {out}/results.md, results.csv, curves.csv, probes.csv, curves.png and actions_*.png")
+
+
+def aggregate_line(runs, rows):
+    """The IQM of the normalised score (return / 1000) over the tasks with 3+ seeds, at their common last step, with
+    its 95% confidence interval, and SAC's on the same tasks at the same step. rliable takes a (runs x tasks) matrix:
+    each task gives as many seeds as the one with the fewest, its lowest-numbered; the line names any left out."""
+    final = {r["env_id"]: r["steps"] for r in rows}
+    tasks = [env_id for env_id, seeds in sorted(runs.items()) if len(seeds) >= 3]
+    if not tasks or len({final[env_id] for env_id in tasks}) > 1:
+        return "Aggregate: needs a task with 3 or more seeds (every such task at the same last step)."
+    step, n = final[tasks[0]], min(len(runs[env_id]) for env_id in tasks)
+    used = {env_id: sorted(runs[env_id])[:n] for env_id in tasks}
+    qsm = [[runs[env_id][used[env_id][i]][0][step] / 1000 for env_id in tasks] for i in range(n)]
+    left_out = [f"{env_id} seed {seed}" for env_id in tasks for seed in sorted(runs[env_id])[n:]]
+    line = f"Aggregate at step {step} over {', '.join(tasks)} ({n} seeds each"
+    line += f"; left out: {', '.join(left_out)})" if left_out else ")"
+    line += ": IQM of the normalised score (return / 1000) QSM {:.3f} [{:.3f}, {:.3f}]".format(*stats.iqm_ci(qsm))
+    if all(step in SAC.get(env_id, {}) for env_id in tasks):
+        sac = [[SAC[env_id][step][i] / 1000 for env_id in tasks] for i in range(3)]
+        line += ", SAC (3 seeds each) {:.3f} [{:.3f}, {:.3f}]".format(*stats.iqm_ci(sac))
+    return line + " (95% stratified-bootstrap confidence intervals, rliable)."
+
+
+def rerun_lines(out, runs):
+    """DIR/rerun/runs/*: each rerun's curve gap to its original, against the gaps between every two of the task's
+    seeds; within seed noise when it is no larger than the largest of them (a coarse test with 3 seeds)."""
+    lines = []
+    for run_dir, env_id, seed in events.run_dirs(os.path.join(out, "rerun")):
+        evals, task = dict(events.scalar(events.load_run(run_dir), "eval/episodic_return")), runs.get(env_id, {})
+        if seed not in task or len(task) < 2 or not evals:
+            continue
+        original, seeds = task[seed][0], [curve for curve, *_ in task.values()]
+        gap, pairs = (
+            stats.curve_gap(evals, original),
+            [stats.curve_gap(a, b) for a, b in itertools.combinations(seeds, 2)],
+        )
+        last = max(set(evals) & set(original))
+        lines.append(f"| {env_id} | {seed} | {last} | {evals[last]:.0f} | {original[last]:.0f} | {gap:.0f} | "
+                     f"{min(pairs):.0f}-{max(pairs):.0f} | {'yes' if gap <= max(pairs) else 'no'} |")  # fmt: skip
+    if not lines:
+        return []
+    return ["Reruns (rerun/runs/) against their originals: mean absolute gap between the eval curves, and between "
+            "every two seeds of the task:", "",
+            "| task | seed | last step | rerun | original | gap to the original | gaps between seeds | within |",
+            "|---|---|---|---|---|---|---|---|", *lines, ""]  # fmt: skip
+
+
+def summarize_study(out):
+    """DIR/VARIANT/runs/* for every variant: one table and one figure comparing the variants, task by task."""
+    qsm = events.script()
+    rows, curves = [], {}
+    for variant_dir in sorted(d for d in glob.glob(os.path.join(out, "*")) if os.path.isdir(os.path.join(d, "runs"))):
+        variant = os.path.basename(variant_dir)
+        flags_file = os.path.join(variant_dir, "flags.txt")  # flags in today's terms, where the code changed since
+        flags = open(flags_file).read().strip() if os.path.exists(flags_file) else None
+        by_env = {}
+        for run_dir, env_id, seed in events.run_dirs(variant_dir):
+            acc = events.load_run(run_dir)
+            flags = flags or events.recorded_flags(acc, qsm.Args, (*qsm.RUN_FIELDS, "env_id", "seed"))
+            evals, sps = dict(events.scalar(acc, "eval/episodic_return")), events.scalar(acc, "charts/SPS")
+            if not evals:
+                continue
+            saturation = events.scalar(acc, "charts/action_saturation")
+            shares = [stats.near_bounds(*points) for points in events.probe(acc)[1]]
+            by_env.setdefault(env_id, []).append((seed, evals, [v for _, v in sps],
+                                                  saturation[-1][1] if saturation else math.nan,
+                                                  statistics.fmean(shares) if shares else math.nan))  # fmt: skip
+            plot_actions(variant_dir, run_dir, acc)
+        for env_id, seeds in sorted(by_env.items()):
+            steps, finals = stats.last_common_step([evals for _, evals, *_ in seeds])
+            final_mean, final_std = stats.mean_std(finals)
+            rows.append({"variant": variant, "env_id": env_id, "seeds": " ".join(str(s[0]) for s in sorted(seeds)),
+                         "steps": steps, "final_mean": final_mean, "final_std": final_std,
+                         "saturation": statistics.fmean(s[3] for s in seeds),
+                         "probe_saturation": statistics.fmean(s[4] for s in seeds),
+                         "sps": stats.median_sps([s[2] for s in seeds]), "flags": flags or "?"})  # fmt: skip
+            curves.setdefault(env_id, {})[variant] = [sorted(evals.items()) for _, evals, *_ in seeds]
+    if not rows:
+        fail(f"no runs with evaluations under {out}/*/runs/")
+    write_csv(os.path.join(out, "study.csv"), rows)
+    lines = ["| task | variant | seeds | steps | eval return | saturation (training) | probe state: near +-1 | "
+             "train steps/s |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in sorted(rows, key=lambda r: (r["env_id"], r["variant"])):
+        returns = f"{r['final_mean']:.1f} ± {r['final_std']:.1f}"
+        lines.append(f"| {r['env_id']} | {r['variant']} | {r['seeds']} | {r['steps']} | {returns} | "
+                     f"{r['saturation']:.0%} | {r['probe_saturation']:.0%} | {r['sps']:.1f} |")  # fmt: skip
+    lines += ["", "Eval return: mean ± std over seeds at the last step all seeds reached (5 episodes each).",
+              "Saturation (training): the share of action components at exactly -1 or +1 in the TD target's samples "
+              f"at the last logged step. Probe state: the share within {NEAR_BOUND} of +-1 "
+              "of 1,000 samples at the task's fixed initial state (the paper's Figure 4) at the last evaluation.",
+              "", "| variant | flags |", "|---|---|"]  # fmt: skip
+    lines += [f"| {v} | `{f}` |" for v, f in sorted({(r["variant"], r["flags"]) for r in rows})] + [""]
+    write_markdown(os.path.join(out, "study.md"), lines)
+    plot_study(out, curves)
+    print(f"wrote {out}/study.md, {out}/study.csv, {out}/study_curves.png and {out}/*/actions_*.png")
+
+
+def plot_study(out, curves):
+    plt = pyplot()
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.8), squeeze=False)
+    colors = {v: f"C{k}" for k, v in enumerate(sorted({v for variants in curves.values() for v in variants}))}
+    for ax, (env_id, variants) in zip(axes[0], sorted(curves.items()), strict=True):
+        for variant, runs in sorted(variants.items()):
+            plot_seeds(ax, runs, colors[variant], f"{variant} ({len(runs)} seed(s))", alpha=0.15)
+        for j, (name, value) in enumerate(EARLY_REFERENCES.get(env_id, {}).items()):
+            ax.axhline(value, color="gray", linestyle=("--", ":")[j % 2], label=f"{name}: {value}")
+        ax.set(title=env_id, xlabel="environment steps", ylabel="eval return", ylim=(0, 1000))
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("QSM variants: mean and min-max over seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "study_curves.png"), dpi=120)
+    plt.close(fig)
+
+
+def plot_actions(out, run_dir, acc):
+    """The policy's action distribution at the fixed probe state at the run's last evaluation (paper, Figure 4)."""
+    step, points = events.probe(acc)
+    if not points:
+        return None
+    plt = pyplot()
+
+    cols = min(len(points), 6)  # rows of at most 6 components: 21 (humanoid) read as 4 rows
+    rows = math.ceil(len(points) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(5.0, 2.2 * cols + 1), 1.9 * rows + 0.5), squeeze=False)
+    for dim, (ax, (values, counts)) in enumerate(zip(axes.flat, points, strict=False)):
+        ax.hist(values, bins=40, range=(-1.0, 1.0), weights=counts)  # re-binned on [-1, 1]
+        ax.set(title=f"action {dim}", xlim=(-1.05, 1.05), yticks=[])
+    for ax in list(axes.flat)[len(points) :]:
+        ax.axis("off")
+    name = os.path.basename(run_dir)
+    fig.suptitle(f"{name}\n1,000 actions sampled at one initial state, step {step}", fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out, f"actions_{name}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_seeds(ax, runs, color, label, alpha):
+    """Eval return over the steps every seed evaluated: the mean, and the min-max band over seeds."""
+    steps = sorted(set.intersection(*(set(s for s, _ in evals) for evals in runs)))
+    values = [[dict(evals)[s] for s in steps] for evals in runs]
+    ax.plot(steps, [statistics.fmean(v[i] for v in values) for i in range(len(steps))], color=color, label=label)
+    low, high = ([f(v[i] for v in values) for i in range(len(steps))] for f in (min, max))
+    ax.fill_between(steps, low, high, color=color, alpha=alpha)
+
+
+def write_markdown(path, lines):
+    """The report's lines to path, and to the terminal."""
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+
+
+def pyplot():
+    """matplotlib.pyplot without a display (imported only when a summary draws)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(out, runs):
+    """Eval return against environment steps per task: QSM's mean and min-max band over seeds, and SAC's seeds at the
+    same steps (mean, min-max bar)."""
+    plt = pyplot()
+
+    n = len(runs)
+    cols = min(n, 3)
+    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(5 * cols, 3.6 * math.ceil(n / cols)), squeeze=False)
+    for ax, (env_id, seeds) in zip(axes.flat, sorted(runs.items()), strict=False):
+        last = max(max(evals) for evals, *_ in seeds.values())
+        plot_seeds(
+            ax, [sorted(evals.items()) for evals, *_ in seeds.values()], "C0", f"QSM, {len(seeds)} seed(s)", 0.25
+        )
+        sac = {step: values for step, values in SAC.get(env_id, {}).items() if step <= last}
+        if sac:
+            steps, values = list(sac), [np.array(v) for v in sac.values()]
+            means = np.array([v.mean() for v in values])
+            spread = np.clip([means - [v.min() for v in values], [v.max() for v in values] - means], 0.0, None)
+            ax.errorbar(steps, means, yerr=spread, fmt="s", color="C3", capsize=3, label="SAC, 3 seeds (TD-MPC2)")
+        ax.set(title=env_id, xlabel="environment steps", ylabel="eval return", ylim=(0, 1000))
+        ax.legend(fontsize=7, loc="upper left")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle("QSM: mean and min-max over seeds; SAC: TD-MPC2's result files at the same steps", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curves.png"), dpi=120)
+    plt.close(fig)
