@@ -60,6 +60,12 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--scripts", nargs="+", default=[str(ROOT / "qsm_continuous.py")], help="scripts to compare")
     parser.add_argument("--cuda", action="store_true", help="benchmark on the GPU")
+    parser.add_argument(
+        "--baselines",
+        action="store_true",
+        help="QSM against SAC, TD3 and a back-propagated diffusion actor (benchmarks/baselines.py)",
+    )
+    parser.add_argument("--plot", metavar="PNG", help="--baselines: also plot steps/s against batch and T to PNG")
     opts = parser.parse_args(argv)
     if opts.cuda and not torch.cuda.is_available():
         sys.exit("error: --cuda was given but torch sees no CUDA device")
@@ -182,6 +188,13 @@ def main(argv=None) -> None:
     absl_logging.set_verbosity(absl_logging.ERROR)  # dm_control's deprecation chatter
     torch.set_num_threads(opts.threads)
     name = torch.cuda.get_device_name() if opts.cuda else f"CPU, {opts.threads} torch threads"
+    if opts.baselines:
+        import baselines
+
+        print(f"device: {name}; torch {torch.__version__}; eager float32; one update = what each method does per step")
+        for env_id in opts.env_ids:
+            baselines.compare(env_id, opts.repeats, torch.device("cuda" if opts.cuda else "cpu"), opts.plot)
+        return
     print(f"device: {name}; torch {torch.__version__}; defaults (T=5, 512x512 networks, batch 256)")
     print(f"training runs: {opts.steps} learning-phase steps after {LEARNING_STARTS} random ones; medians of windows")
     labels = {script: os.path.relpath(script) for script in opts.scripts}
