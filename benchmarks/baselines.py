@@ -11,14 +11,16 @@ action_dim, width, T, device)` returning `update(batch)`, one training update, a
 - `diffusion-bp`: the script's critic update and denoiser, the denoiser trained by back-propagating -Q(s, a) through
   all T steps of the DDPM chain that produced a (Diffusion-QL's actor loss, without its behaviour-cloning term).
 The harness times per update and per training step (act + dm_control step + update), round-robin over --repeats,
-counts the floating-point operations of one update (torch.utils.flop_counter) and the bytes autograd saves for the
-backward passes of one update (on CUDA also the peak allocated memory).
+counts the floating-point operations of one update (torch.utils.flop_counter) and the peak memory: on CUDA the peak
+allocated, on the CPU the growth of a fresh process's peak resident memory over the method's build and 4 updates.
 """
 
 import copy
 import itertools
 import math
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -205,23 +207,30 @@ def random_batch(obs_dim, action_dim, size, device) -> qsm.Batch:
                      torch.ones(size, device=device))  # fmt: skip
 
 
-def saved_bytes(update, batch) -> int:
-    """The bytes of the tensors autograd saves for the backward passes of one update (every graph of it, summed)."""
-    total = 0
+def peak_mib(config, env_id) -> float:
+    """The growth of the peak resident memory of a fresh process over one configuration's build and 4 updates, in
+    MiB: networks, optimisers and the largest update's activations (a subprocess: the peak of this one only grows)."""
+    result = subprocess.run([sys.executable, __file__, "peak", env_id, *map(str, config)], capture_output=True,
+                            text=True, check=True)  # fmt: skip
+    return float(result.stdout)
 
-    def pack(tensor):
-        nonlocal total
-        total += tensor.numel() * tensor.element_size()
-        return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+def peak_here(env_id, method, width, batch, T) -> float:
+    env = qsm.DMCEnv(env_id, seed=0)
+    warm_up = torch.nn.Linear(8, 8)  # torch's one-time buffers (thread pools, kernels) are no method's
+    torch.optim.Adam(warm_up.parameters()).step(warm_up(torch.randn(4, 8)).sum().backward())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    update, _, _ = METHODS[method](env.obs_dim, env.action_dim, int(width), 5 if T == "None" else int(T), "cpu")
+    batch = random_batch(env.obs_dim, env.action_dim, int(batch), "cpu")
+    for _ in range(4):
         update(batch)
-    return total
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
 
 
-def measure(config, env, device, updates=20, steps=20) -> dict:
-    """One configuration, built fresh: updates/s and training steps/s (medians of windows), FLOPs and saved bytes of
-    one update, and on CUDA the peak allocated memory."""
+def measure(config, env, device, calls=5, windows=3) -> dict:
+    """One configuration, built fresh: updates/s and training steps/s (medians over `windows` of `calls` each; the
+    heaviest update, T = 20 at batch 1024, takes about a second on one CPU core), the FLOPs of one update, and on CUDA
+    the peak allocated memory (on the CPU: peak_mib, once per configuration)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     method, width, batch_size, T = config
@@ -232,28 +241,27 @@ def measure(config, env, device, updates=20, steps=20) -> dict:
         update(batch)
     with FlopCounterMode(display=False) as flops:
         update(batch)
-    saved = saved_bytes(update, batch)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rates = {"updates": [], "steps": []}
     obs = env.reset()
-    for _ in range(5):  # windows
+    for _ in range(windows):
         start = time.perf_counter()
-        for _ in range(updates):
+        for _ in range(calls):
             update(batch)
         sync(device)
-        rates["updates"].append(updates / (time.perf_counter() - start))
+        rates["updates"].append(calls / (time.perf_counter() - start))
         start = time.perf_counter()
-        for _ in range(steps):  # act + environment step + update (the batch reused: sampling is the same for all)
+        for _ in range(calls):  # act + environment step + update (the batch reused: sampling is the same for all)
             action = act(torch.as_tensor(obs, device=device).unsqueeze(0))[0].cpu().numpy()
             obs, _, _, done = env.step(action)
             obs = env.reset() if done else obs
             update(batch)
         sync(device)
-        rates["steps"].append(steps / (time.perf_counter() - start))
+        rates["steps"].append(calls / (time.perf_counter() - start))
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else math.nan
     return {"updates/s": statistics.median(rates["updates"]), "steps/s": statistics.median(rates["steps"]),
-            "GFLOP/update": flops.get_total_flops() / 1e9, "saved MiB": saved / 2**20, "peak MiB": peak}  # fmt: skip
+            "GFLOP/update": flops.get_total_flops() / 1e9, "peak MiB": peak}  # fmt: skip
 
 
 def sync(device):
@@ -266,12 +274,14 @@ def compare(env_id, repeats, device, out=None):
     a plot to `out`)."""
     env = qsm.DMCEnv(env_id, seed=0)
     configs, results = list(configurations()), {}
+    peaks = {config: peak_mib(config, env_id) for config in configs} if device.type == "cpu" else {}
     for round_ in range(repeats):
         for config in configs:
-            results.setdefault(config, []).append(measure(config, env, device))
+            results.setdefault(config, []).append(measure(config, env, device) | ({"peak MiB": peaks[config]}
+                                                                                  if peaks else {}))  # fmt: skip
             print(f"round {round_ + 1}/{repeats}: {config}: {results[config][-1]['steps/s']:.1f} steps/s",
                   file=sys.stderr, flush=True)  # fmt: skip
-    keys = ["steps/s", "updates/s", "GFLOP/update", "saved MiB", "peak MiB"]
+    keys = ["steps/s", "updates/s", "GFLOP/update", "peak MiB"]
     print(f"\n{env_id} (obs {env.obs_dim}, actions {env.action_dim}); medians of {repeats} round(s)")
     print("| method | width | batch | T | " + " | ".join(keys) + " |\n|" + "---|" * (4 + len(keys)))
     table = {}
@@ -306,3 +316,7 @@ def plot(table, out):
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # python benchmarks/baselines.py peak ENV_ID METHOD WIDTH BATCH T: peak_mib's subprocess
+    print(peak_here(*sys.argv[2:]))

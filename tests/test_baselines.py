@@ -81,3 +81,30 @@ def test_the_back_propagated_actor_reaches_the_first_denoising_step_and_qsm_does
     assert first_t == 2 and first.grad is not None and first.grad.abs().sum() > 0
     sampled = baselines.qsm.ddpm_sample(nets["denoiser"], nets["schedule"], batch.obs)
     assert not sampled.requires_grad
+
+
+def test_qsm_differentiates_one_denoiser_call_and_the_back_propagated_actor_all_T():
+    """The paper's cost claim, counted: per update, QSM runs the denoiser with autograd once (its loss; the sampler
+    runs without), the back-propagated actor T times (the chain), whatever else both do."""
+
+    def graded_calls(method, T):  # (denoiser calls with autograd on, all denoiser calls) in one update
+        update, _, nets, batch = tiny(method, T)
+        calls = []
+        nets["denoiser"].register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+        update(batch)
+        return sum(calls), len(calls)
+
+    assert graded_calls("qsm", 5) == (1, 1 + 5)  # the loss; the TD target's chain without gradient
+    assert graded_calls("qsm", 20) == (1, 1 + 20)
+    assert graded_calls("diffusion-bp", 20) == (20, 20 + 20)  # the actor's chain with it; the TD target's without
+
+
+@pytest.mark.slow  # subprocesses
+def test_the_cost_harness_measures_a_configuration_and_the_peak_grows_with_T_only_when_back_propagating():
+    env = baselines.qsm.DMCEnv("cartpole-balance", seed=0)
+    result = baselines.measure(("td3", 16, 32, None), env, torch.device("cpu"), calls=2, windows=1)
+    assert result["updates/s"] > 0 and result["steps/s"] > 0 and result["GFLOP/update"] > 0
+    peak = {(m, T): baselines.peak_mib((m, 256, 512, T), "cartpole-balance") for m in ("qsm", "diffusion-bp")
+            for T in (5, 20)}  # fmt: skip
+    assert peak["diffusion-bp", 20] > peak["diffusion-bp", 5] + 25  # 15 more steps of activations: ~40 MiB
+    assert abs(peak["qsm", 20] - peak["qsm", 5]) < 10
