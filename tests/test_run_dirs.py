@@ -133,7 +133,8 @@ def test_a_checkpoint_of_another_network_ends_in_one_line(small_run, tmp_path, f
     edited = edited_copy(tmp_path, ("dims = (action_dim + obs_dim + 128, *hidden_dims)",
                                     "dims = (action_dim + obs_dim + 128, *hidden_dims, hidden_dims[-1])"))  # fmt: skip
     cwd, run_dir = small_run
-    result = run_script([flag, str(run_dir)], cwd, timeout=300, script=edited)
+    more = ["--total-timesteps", "400"] if flag == "--resume" else []  # the run ended at 200: something to train
+    result = run_script([flag, str(run_dir), *more], cwd, timeout=300, script=edited)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-3000:]
     assert result.stderr.startswith(f"error: {run_dir}/checkpoint.pt: its denoiser was made by another version of ")
     assert 'Missing key(s) in state_dict: "mlp.1.weight", "mlp.1.bias"' in result.stderr
