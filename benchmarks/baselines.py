@@ -317,16 +317,19 @@ def plot(table, out):
     plt = report.pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     lines = sorted({(m, w) for m, w, _, T in table if T in (None, 5)})
+    color = {method: f"C{i}" for i, method in enumerate(METHODS)}
     for method, width in lines:
         points = sorted((b, v["steps/s"]) for (m, w, b, T), v in table.items() if (m, w) == (method, width)
                         and T in (None, 5))  # fmt: skip
-        left.plot(*zip(*points, strict=True), marker="o", label=f"{method} {width}")
+        left.plot(*zip(*points, strict=True), marker="o", color=color[method], label=f"{method} {width}",
+                  linestyle="--" if width == 256 else "-")  # fmt: skip
     for method in DIFFUSION:
         points = sorted((T, v["steps/s"]) for (m, _, b, T), v in table.items() if m == method and b == 256)
-        right.plot(*zip(*points, strict=True), marker="o", label=method)
+        right.plot(*zip(*points, strict=True), marker="o", color=color[method], label=method)
     left.set(xscale="log", xlabel="batch", ylabel="training steps/s", title="T = 5 for the diffusion methods")
     right.set(xlabel="diffusion steps T", ylabel="training steps/s", title="batch 256, width 512")
     left.set_xticks([256, 512, 1024], ["256", "512", "1024"])
+    left.minorticks_off()
     for ax in (left, right):
         ax.legend(fontsize=7)
     fig.tight_layout()
