@@ -4,11 +4,11 @@
 #   bash benchmark.sh [--env-ids ID ...] [--seeds N ...] [--variants NAME[=FLAGS] ...] [--workers N] [--out DIR]
 #                     [--slurm] [--cpus-per-task N] [--time LIMIT] [--dry-run] [-- FLAGS]
 #   bash benchmark.sh summary DIR
-#   bash benchmark.sh saturation
+#   bash benchmark.sh saturation [--capacity]
 #   bash benchmark.sh bundle DIR [--python-version 3.12]
 #   bash benchmark.sh gpu-check [--bundle DIR] [--report FILE]
 #   bash benchmark.sh speed [--env-ids ID ...] [--modes MODE ...] [--steps N] [--repeats N] [--threads N]
-#                           [--scripts A.py B.py] [--cuda]
+#                           [--scripts A.py B.py] [--cuda] [--baselines [--plot PNG]]
 #
 # grid (the default): trains every env id x seed (default: the paper's six tasks, seeds 1 2 3) into DIR/runs/, locally
 # or as a Slurm array (--slurm: benchmarks/array.sbatch filled in, --cpus-per-task per task, a GPU for --cuda flags,
@@ -20,10 +20,12 @@
 # a copy of the script, or not) before the shared ones after --, into DIR/NAME/runs/; the summary compares them.
 # summary: DIR/results.md, results.csv, curves.png and actions_{run}.png from the runs' TensorBoard files.
 # speed: training steps/s, updates/s, acting steps/s, time to the first update and peak memory per task and mode,
-# round-robin over --repeats rounds, with ratios measured within a round (benchmarks/speed.py).
+# round-robin over --repeats rounds, with ratios measured within a round (benchmarks/speed.py). --baselines: QSM
+# against SAC, TD3 and a diffusion actor back-propagated through the chain, per batch and T (benchmarks/baselines.py).
 # bundle: a folder of wheels (< 64 MiB) that installs the script's packages on an offline CUDA machine with torch.
 # gpu-check: the CUDA tests, the recommended GPU mode with a resume, a headless frame and the GPU speed modes.
-# saturation: why QSM policies sit on the action bounds, on a 1-D toy with a known critic (benchmarks/saturation.py).
+# saturation: why QSM policies sit on the action bounds, on a 1-D toy with a known critic (benchmarks/saturation.py);
+# --capacity: the same toy at seven denoiser sizes.
 set -euo pipefail
 here=$(dirname "$0") # paths given (--out DIR, summary DIR) stay relative to where the user stands
 
