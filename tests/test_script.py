@@ -95,6 +95,24 @@ def test_cuda_compile_and_cudagraphs_end_to_end(tmp_path):
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] < lrs[0]
 
 
+@pytest.mark.slow  # subprocesses
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_recommended_mode_resumes_under_cudagraphs(tmp_path):
+    """The README's GPU mode, --compile --cudagraphs --bf16, with --best-of-n 4 inside the acting graph: cut at its
+    checkpoint and resumed in a new process, the run trains on to its last step, one real update per step."""
+    args = ["--env-id", "cheetah-run", "--learning-starts", "500", "--eval-interval", "1000", "--eval-episodes", "2"]
+    args += ["--cuda", "--compile", "--cudagraphs", "--bf16", "--best-of-n", "4", "--checkpoint-interval", "1000"]
+    first = run_script([*args, *SMALL, "--total-timesteps", "2000"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    resumed = run_script(["--resume", str(run_dir), "--cuda", "--total-timesteps", "3000"], tmp_path)
+    assert resumed.returncode == 0 and f"resumed {run_dir} at step 2000" in resumed.stderr, resumed.stderr[-3000:]
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert state["global_step"] == 3000 and state["args"]["cudagraphs"] and state["args"]["bf16"]
+    assert state["critic_optimizer"]["state"][0]["step"] == 2500 == state["actor_optimizer"]["state"][0]["step"]
+    assert [step for step, _ in read_scalars(run_dir)["eval/episodic_return"]] == [1000, 2000, 3000]
+
+
 def _loss_curves(cwd, seed, extra=()):
     args = ["--env-id", "cartpole-swingup", "--total-timesteps", "1000", "--learning-starts", "500", "--seed", seed]
     args += ["--eval-interval", "1000", "--eval-episodes", "1", *SMALL, *extra]
