@@ -23,7 +23,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +32,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import speed  # the timing: median_rate
+
 import qsm_continuous as qsm
 
 LOG_STD_MAX, LOG_STD_MIN = 2, -5  # CleanRL's SAC
@@ -259,30 +260,19 @@ def measure(config, env, device, calls=5, windows=3) -> dict:
         update(batch)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    rates = {"updates": [], "steps": []}
-    obs = env.reset()
-    for _ in range(windows):
-        start = time.perf_counter()
-        for _ in range(calls):
-            update(batch)
-        sync(device)
-        rates["updates"].append(calls / (time.perf_counter() - start))
-        start = time.perf_counter()
-        for _ in range(calls):  # act + environment step + update (the batch reused: sampling is the same for all)
-            action = act(torch.as_tensor(obs, device=device).unsqueeze(0))[0].cpu().numpy()
-            obs, _, _, done = env.step(action)
-            obs = env.reset() if done else obs
-            update(batch)
-        sync(device)
-        rates["steps"].append(calls / (time.perf_counter() - start))
+    obs = [env.reset()]
+
+    def step():  # act + environment step + update (the batch reused: sampling is the same for all)
+        action = act(torch.as_tensor(obs[0], device=device).unsqueeze(0))[0].cpu().numpy()
+        obs[0], _, _, done = env.step(action)
+        obs[0] = env.reset() if done else obs[0]
+        update(batch)
+
+    rates = {"updates": speed.median_rate(lambda: update(batch), device, windows, calls),
+             "steps": speed.median_rate(step, device, windows, calls)}  # fmt: skip
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else math.nan
-    return {"updates/s": statistics.median(rates["updates"]), "steps/s": statistics.median(rates["steps"]),
-            "GFLOP/update": flops.total / 2e9, "peak MiB": peak}  # fmt: skip
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    return {"updates/s": rates["updates"], "steps/s": rates["steps"], "GFLOP/update": flops.total / 2e9,
+            "peak MiB": peak}  # fmt: skip
 
 
 def compare(env_id, repeats, device, out=None):
