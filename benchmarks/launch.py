@@ -223,7 +223,8 @@ def sbatch_script(tasks, out, cpus, time_limit=None):
     lines = [[in_repo(t.out), in_repo(t.script), t.env_id, str(t.seed), *t.flags] for t in tasks]
     values = {"options": "\n".join(f"#SBATCH {option}" for option in options),
               "tasks": "\n".join(shlex.quote(shlex.join(line)) for line in lines)}  # fmt: skip
-    return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m[1]], open(TEMPLATE).read())
+    with open(TEMPLATE) as f:
+        return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m[1]], f.read())
 
 
 if __name__ == "__main__":
