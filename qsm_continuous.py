@@ -3,8 +3,7 @@
 import os
 import sys
 
-# dm_control reads MUJOCO_GL at import: "disable" keeps it from probing for a display; videos render headless (EGL)
-os.environ.setdefault("MUJOCO_GL", "egl" if "--capture-video" in sys.argv else "disable")
+os.environ.setdefault("MUJOCO_GL", "disable")  # MuJoCo's renderer, read at import: none; --capture-video restarts
 
 import contextlib
 import copy
@@ -22,16 +21,21 @@ import urllib.parse
 from typing import Literal, NamedTuple
 
 import imageio
-import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from absl import logging as absl_logging
-from dm_control import suite
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
+
+try:  # each loads the renderer MUJOCO_GL names
+    import mujoco
+    from dm_control import suite
+except Exception as error:  # e.g. EGL, for --capture-video, on a machine without libEGL
+    sys.exit(f"error: MuJoCo cannot load the renderer MUJOCO_GL={os.environ['MUJOCO_GL']} ({type(error).__name__}); "
+             "install its library (egl, for --capture-video: libegl1; osmesa: libosmesa6) or pick another")  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -119,18 +123,11 @@ class Args:
     cudagraphs: bool = False
     """replay every update and every acting step from a CUDA graph (needs a GPU; with or without --compile)"""
     bf16: bool = False
-    """run the updates' matrix products in bfloat16 (autocast); weights, Adam, losses and acting stay float32"""
+    """run the updates' hidden-layer products in bfloat16 (autocast); weights, Adam, Q, losses, acting: float32"""
 
 
 # ENVIRONMENT: dm_control, no gym layer. The agent acts in [-1, 1]^A; observations are one float32 vector.
 ENV_IDS = tuple(f"{domain}-{task}" for domain, task in suite.ALL_TASKS)
-
-
-def parse_env_id(env_id: str) -> tuple[str, str]:
-    """`cartpole-swingup_sparse` -> (`cartpole`, `swingup_sparse`): split at the first `-` only."""
-    if env_id not in ENV_IDS:
-        raise ValueError(f"--env-id {env_id!r} is not a dm_control task; valid ids: {', '.join(ENV_IDS)}")
-    return tuple(env_id.split("-", 1))
 
 
 def flatten_observation(observation: dict) -> np.ndarray:
@@ -142,7 +139,8 @@ class DMCEnv:
     """A dm_control task with the agent's action in [-1, 1], flat float32 observations and action repeat."""
 
     def __init__(self, env_id: str, seed: int, action_repeat: int = 1):
-        self.env = suite.load(*parse_env_id(env_id), task_kwargs={"random": seed})
+        domain, task = env_id.split("-", 1)  # at the first `-` only: `ball_in_cup-catch`, `cartpole-swingup_sparse`
+        self.env = suite.load(domain, task, task_kwargs={"random": seed})
         spec = self.env.action_spec()
         self.action_low, self.action_high = spec.minimum.astype(np.float64), spec.maximum.astype(np.float64)
         self.obs_dim = sum(int(np.prod(s.shape)) for s in self.env.observation_spec().values())
@@ -198,7 +196,8 @@ class TwinCritic(nn.Module):
         x = torch.cat([obs, actions], dim=-1).expand(len(self.weights[0]), -1, -1)  # (num_q, B, S + A)
         for weight, bias in zip(self.weights[:-1], self.biases[:-1], strict=True):
             x = F.relu(torch.baddbmm(bias, x, weight))
-        return torch.baddbmm(self.biases[-1], x, self.weights[-1]).squeeze(-1)
+        with torch.autocast(x.device.type, enabled=False):  # Q in float32 under --bf16 too: bf16 rounds 100 by 0.5
+            return torch.baddbmm(self.biases[-1], x.to(self.weights[-1].dtype), self.weights[-1]).squeeze(-1)
 
 
 class Denoiser(nn.Module):
@@ -220,7 +219,7 @@ class Denoiser(nn.Module):
     def forward(self, obs: torch.Tensor, noisy_actions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """(B, S), (B, A), integer steps t (B,), or (1,) for one step shared by the batch -> predicted noise (B, A).
         The one definition of the network: the QSM loss and the sampler (acting, TD target, evaluation) call it."""
-        f = 2 * math.pi * t.float().unsqueeze(-1) @ self.fourier_kernel.T  # (B or 1, time_dim / 2)
+        f = 2 * math.pi * t.float().unsqueeze(-1) * self.fourier_kernel.T  # (B or 1, time_dim / 2), float32 always
         cond = self.cond[1](F.mish(self.cond[0](torch.cat([torch.cos(f), torch.sin(f)], dim=-1))))  # (B or 1, 128)
         # mlp[0](concat(a_t, s, cond)) = W_as [a_t; s] + (W_c cond + b): cond's part once per t, then broadcast
         W_as, W_c = self.mlp[0].weight.split([self.mlp[0].in_features - cond.shape[-1], cond.shape[-1]], dim=1)
@@ -345,7 +344,7 @@ def critic_loss(critic, critic_target, denoiser, schedule, batch: Batch, args: A
     """sum_i mean_batch (Q_i(s, a) - y)^2: each critic on its own MSE, as the official code (a mean over the critics
     would halve each one's gradient). Returns (loss, detached metrics)."""
     y, next_actions = td_target(critic_target, denoiser, schedule, batch, args)
-    q = critic(batch.obs, batch.actions).float()  # (num_q, B); .float(): a no-op, except under --bf16
+    q = critic(batch.obs, batch.actions)  # (num_q, B)
     qf_losses = (q - y).pow(2).mean(dim=1)  # (num_q,)
     metrics = {f"losses/qf{i + 1}_loss": loss for i, loss in enumerate(qf_losses)}
     metrics |= {f"losses/qf{i + 1}_values": values.mean() for i, values in enumerate(q)}
@@ -370,7 +369,7 @@ def qsm_loss(denoiser, critic, schedule, batch: Batch, args: Args) -> tuple[torc
     noise = torch.randn_like(batch.actions)  # eps ~ N(0, I)
     alpha_bar = schedule.alpha_bars_t[t].unsqueeze(-1)  # (B, 1)
     noisy_actions = alpha_bar.sqrt() * batch.actions + (1.0 - alpha_bar).sqrt() * noise  # a_t, (B, A)
-    q_term = qsm_target(critic, batch.obs, noisy_actions, args.M_q, args.normalize_q_grad).float()  # no-op but bf16
+    q_term = qsm_target(critic, batch.obs, noisy_actions, args.M_q, args.normalize_q_grad)  # (B, A)
     match args.score_target:
         case "paper":  # -M_q grad_a Q(s, a_t)
             target = q_term
@@ -515,10 +514,8 @@ def check_args(args: Args) -> str | None:
         for v in value if isinstance(value, tuple) else (value,):
             if not math.isfinite(v) or not ok(v):
                 return f"{flag} must be {rule if math.isfinite(v) else 'finite'}, got {v}"
-    try:
-        parse_env_id(args.env_id)
-    except ValueError as error:
-        return str(error)
+    if args.env_id not in ENV_IDS:
+        return f"--env-id {args.env_id!r} is not a dm_control task; valid ids: {', '.join(ENV_IDS)}"
     if args.batch_size > args.buffer_size:
         return f"--batch-size {args.batch_size} exceeds --buffer-size {args.buffer_size}; lower one or raise the other"
     if args.cuda and not torch.cuda.is_available():
@@ -743,6 +740,8 @@ if __name__ == "__main__":
         args, run_dir, saved = resume_args(args)
     if problem := check_args(args):
         fail(problem)
+    if args.capture_video and os.environ["MUJOCO_GL"] == "disable":  # also a resumed video run: restart, with EGL
+        os.execve(sys.executable, sys.orig_argv, os.environ | {"MUJOCO_GL": "egl"})
     if args.evaluate_model:
         sys.exit(evaluate_model(args))
 

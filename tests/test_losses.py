@@ -339,3 +339,44 @@ def test_bf16_update_tracks_float32(qsm):
     assert torch.nn.functional.cosine_similarity(delta16, delta32, dim=0) > 0.95
     for key in ("losses/qf1_loss", "losses/qf2_loss", "losses/actor_loss", "losses/td_target"):
         torch.testing.assert_close(metrics16[key], metrics32[key], rtol=0.03, atol=1e-3, msg=key)
+
+
+def test_bf16_td_target_is_float32_arithmetic_on_the_bf16_features(qsm):
+    """Under --bf16 the critics' hidden layers run in bfloat16, their output layer and the TD target in float32: at
+    Q ~ 80 (late in a long run) a bfloat16 Q is rounded to steps of 0.5, the size of a reward."""
+    args = qsm.Args(bf16=True, critic_hidden_dims=(64, 64), actor_hidden_dims=(64, 64), cuda=False)
+    torch.manual_seed(0)
+    agent = qsm.build_agent(5, 2, args, "cpu")
+    agent.critic_target.biases[-1].data.fill_(80.0)
+    g = torch.Generator().manual_seed(1)
+    batch = qsm.Batch(torch.randn(64, 5, generator=g), torch.rand(64, 2, generator=g) * 2 - 1,
+                      torch.rand(64, generator=g), torch.randn(64, 5, generator=g), torch.ones(64))  # fmt: skip
+    torch.manual_seed(2)
+    with torch.autocast("cpu", torch.bfloat16):
+        y, _ = qsm.td_target(agent.critic_target, agent.denoiser, agent.schedule, batch, args)
+        torch.manual_seed(2)  # the same next actions and target noise, by hand
+        next_actions = qsm.ddpm_sample(agent.denoiser, agent.schedule, batch.next_obs)
+    noisy = (next_actions + args.target_noise * torch.randn_like(next_actions)).clamp(-1.0, 1.0)
+    weights, biases = agent.critic_target.weights, agent.critic_target.biases
+    x = torch.cat([batch.next_obs, noisy], dim=-1).expand(2, -1, -1).bfloat16()
+    for weight, bias in zip(weights[:-1], biases[:-1], strict=True):  # the hidden layers as autocast runs them
+        x = torch.relu(torch.baddbmm(bias.bfloat16(), x, weight.bfloat16()))
+    q = torch.baddbmm(biases[-1].double(), x.double(), weights[-1].double()).squeeze(-1)  # the output layer, exact
+    expected = batch.rewards.double() + args.gamma * batch.masks.double() * q.min(dim=0).values
+    assert y.dtype == torch.float32 and q.min() > 70  # Q where bfloat16 steps by 0.5
+    torch.testing.assert_close(y.double(), expected, rtol=0, atol=1e-4)  # float32's rounding; bfloat16's is 0.25
+
+
+def test_time_features_are_float32_in_training_and_acting(qsm):
+    """The denoiser's Fourier features of t, the input of its first conditioning layer, are the same float32 numbers
+    under --bf16's autocast (training) as without it (acting): a product in bfloat16 would round 2 pi t W."""
+    torch.manual_seed(0)
+    denoiser = qsm.Denoiser(5, 2, (64, 64))
+    features = []
+    denoiser.cond[0].register_forward_pre_hook(lambda module, inputs: features.append(inputs[0]))
+    obs, actions, t = torch.randn(8, 5), torch.rand(8, 2), torch.arange(8) % 5
+    denoiser(obs, actions, t)
+    with torch.autocast("cpu", torch.bfloat16):
+        denoiser(obs, actions, t)
+    assert features[0].dtype == features[1].dtype == torch.float32
+    assert torch.equal(features[0], features[1])

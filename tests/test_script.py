@@ -259,35 +259,38 @@ def egl():
         pytest.skip("no headless OpenGL (EGL) on this machine: see README, Experiments")
 
 
-@pytest.mark.slow  # a subprocess
-def test_capture_video_and_evaluate_a_saved_model(egl, tmp_path):
-    args = ["--env-id", "cartpole-swingup", "--total-timesteps", "800", "--learning-starts", "600"]
-    args += [
-        "--action-repeat",
-        "4",
-        "--eval-interval",
-        "400",
-        "--eval-episodes",
-        "1",
-        "--capture-video",
-        "--save-model",
-    ]
-    args += SMALL  # action repeat 4: episodes of 250 frames, rendered on the CPU
-    result = run_script(args, tmp_path, gl="egl")
-    assert result.returncode == 0, result.stderr[-3000:]
+@pytest.mark.slow  # subprocesses
+def test_capture_video_resumes_and_evaluates_a_saved_model(egl, tmp_path):
+    """Only the first run names --capture-video (MUJOCO_GL=egl); the resume takes it from the checkpoint and the
+    evaluation from its flag, both started with MUJOCO_GL=disable: the script restarts itself with EGL."""
+    args = ["--env-id", "cartpole-swingup", "--total-timesteps", "400", "--learning-starts", "600", "--action-repeat"]
+    args += ["4", "--eval-interval", "400", "--eval-episodes", "1", "--capture-video", *SMALL]  # 250 frames, on CPU
+    first = run_script(args, tmp_path, gl="egl")
+    assert first.returncode == 0, first.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
+    resumed = run_script(["--resume", str(run_dir), "--total-timesteps", "800", "--save-model"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed" in resumed.stderr and "step 800: eval return" in resumed.stdout
     videos = tmp_path / "videos" / run_dir.name
-    for name in ("step_400.mp4", "step_800.mp4"):
+    for name in ("step_400.mp4", "step_800.mp4"):  # step 800's: by the resumed run
         data = (videos / name).read_bytes()
         assert data[4:8] == b"ftyp" and len(data) > 10_000  # an MP4 of a 250-frame episode
     model = run_dir / "qsm_continuous.pt"
-    evaluated = run_script(["--evaluate-model", str(model), "--eval-episodes", "2", "--capture-video"], tmp_path,
-                           gl="egl")  # fmt: skip
+    evaluated = run_script(["--evaluate-model", str(model), "--eval-episodes", "2", "--capture-video"], tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert evaluated.stdout.startswith("cartpole-swingup: eval return") and "over 2 episodes" in evaluated.stdout
     assert (videos / "evaluate.mp4").read_bytes()[4:8] == b"ftyp"
     assert not list((tmp_path / "runs").glob("*/events*2"))  # evaluating trains nothing and logs nothing
     assert len(list((tmp_path / "runs").iterdir())) == 1
+
+
+@pytest.mark.slow  # a subprocess
+def test_a_renderer_that_cannot_load_is_one_line(tmp_path):
+    """MUJOCO_GL naming a renderer this machine lacks (here one that exists nowhere) ends before anything starts."""
+    result = run_script(["--capture-video"], tmp_path, timeout=120, gl="no-such-renderer")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr[-3000:]
+    assert result.stderr.startswith("error: MuJoCo cannot load the renderer MUJOCO_GL=no-such-renderer (RuntimeError)")
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow  # a subprocess
