@@ -283,8 +283,6 @@ def best_of_n(agent: "Agent", obs: torch.Tensor, args: Args) -> torch.Tensor:
     """The policy: of N = best_of_n DDPM samples per state (one sampler call), the best by min_i Q_i(s, a)."""
     obs_n = obs.repeat_interleave(args.best_of_n, dim=0)  # (B N, S): sample k of state j in row j N + k
     actions = ddpm_sample(agent.denoiser, agent.schedule, obs_n, args.ddpm_temperature, args.sampler_clip)
-    if args.best_of_n == 1:
-        return actions
     with torch.no_grad():
         q = agent.critic(obs_n, actions).min(dim=0).values.view(-1, args.best_of_n, 1)  # (B, N, 1)
     return actions.view(-1, args.best_of_n, actions.shape[-1]).take_along_dim(q.argmax(1, keepdim=True), dim=1)[:, 0]
@@ -522,6 +520,8 @@ def check_args(args: Args) -> str | None:
         return "--cuda was given but torch sees no CUDA device; drop --cuda or install a CUDA build of torch (README)"
     if args.cudagraphs and not args.cuda:
         return "--cudagraphs needs a CUDA device (--cuda); on the CPU, run with --no-cudagraphs"
+    if args.compile and not args.cuda and not shutil.which(cxx := os.environ.get("CXX", "g++")):  # inductor's kernels
+        return f"--compile on the CPU needs a C++ compiler ({cxx}); install one or run with --no-compile"
 
 
 def load_checkpoint(path: str, flag: str) -> tuple[str, dict]:

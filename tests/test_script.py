@@ -197,6 +197,16 @@ def test_bad_input_is_named_in_one_line(qsm, args, expected):
     assert problem.startswith(expected) and "\n" not in problem, problem
 
 
+def test_compile_without_a_compiler_names_the_flag_to_pass(qsm, monkeypatch):
+    """--compile on the CPU (typed, or from a checkpoint) where inductor finds no C++ compiler for its kernels."""
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    problem = qsm.check_args(qsm.Args(compile=True, cuda=False))
+    assert (
+        problem == "--compile on the CPU needs a C++ compiler (/nonexistent/g++); install one or run with --no-compile"
+    )
+    assert qsm.check_args(qsm.Args(compile=False, cuda=False)) is None
+
+
 def test_cuda_request_without_cuda(qsm):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
