@@ -5,6 +5,7 @@
 #                     [--slurm] [--cpus-per-task N] [--time LIMIT] [--dry-run] [-- FLAGS]
 #   bash benchmark.sh summary DIR
 #   bash benchmark.sh saturation [--capacity]
+#   bash benchmark.sh random-policy [--env-ids ID ...] [--seeds N ...] [--episodes N]
 #   bash benchmark.sh bundle DIR [--python-version 3.12]
 #   bash benchmark.sh gpu-check [--bundle DIR] [--report FILE]
 #   bash benchmark.sh speed [--env-ids ID ...] [--modes MODE ...] [--steps N] [--repeats N] [--threads N]
@@ -26,6 +27,7 @@
 # gpu-check: the CUDA tests, the recommended GPU mode with a resume, a headless frame and the GPU speed modes.
 # saturation: why QSM policies sit on the action bounds, on a 1-D toy with a known critic (benchmarks/saturation.py);
 # --capacity: the same toy at seven denoiser sizes.
+# random-policy: uniform random actions on a run's own evaluation episodes, the baseline of a task (pendulum).
 set -euo pipefail
 here=$(dirname "$0") # paths given (--out DIR, summary DIR) stay relative to where the user stands
 
@@ -33,6 +35,7 @@ case "${1:-}" in
 speed) shift && exec python "$here/benchmarks/speed.py" "$@" ;;
 summary) shift && exec python "$here/benchmarks/grid.py" --summary-only "$@" ;;
 saturation) shift && exec python "$here/benchmarks/saturation.py" "$@" ;;
+random-policy) shift && exec python "$here/benchmarks/random_policy.py" "$@" ;;
 bundle) shift && exec python "$here/benchmarks/bundle.py" "$@" ;;
 gpu-check) shift && exec bash "$here/benchmarks/gpu_check.sh" "$@" ;;
 -h | --help | help) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//' ;;
