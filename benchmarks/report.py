@@ -180,35 +180,53 @@ def summarize_study(out):
             evals, sps = dict(events.scalar(acc, "eval/episodic_return")), events.scalar(acc, "charts/SPS")
             if not evals:
                 continue
-            saturation = events.scalar(acc, "charts/action_saturation")
-            shares = [stats.near_bounds(*points) for points in events.probe(acc)[1]]
+            saturation, points = events.scalar(acc, "charts/action_saturation"), events.probe(acc)[1]
+            shares, modes = [stats.near_bounds(*p) for p in points], [stats.count_modes(*p) for p in points]
             by_env.setdefault(env_id, []).append((seed, evals, [v for _, v in sps],
                                                   saturation[-1][1] if saturation else math.nan,
-                                                  statistics.fmean(shares) if shares else math.nan))  # fmt: skip
+                                                  statistics.fmean(shares) if shares else math.nan, modes))  # fmt: skip
             plot_actions(variant_dir, run_dir, acc)
         for env_id, seeds in sorted(by_env.items()):
             steps, finals = stats.last_common_step([evals for _, evals, *_ in seeds])
             final_mean, final_std = stats.mean_std(finals)
+            modes = [n for s in seeds for n in s[5]]
             rows.append({"variant": variant, "env_id": env_id, "seeds": " ".join(str(s[0]) for s in sorted(seeds)),
                          "steps": steps, "final_mean": final_mean, "final_std": final_std,
                          "saturation": statistics.fmean(s[3] for s in seeds),
                          "probe_saturation": statistics.fmean(s[4] for s in seeds),
+                         "probe_modes": statistics.fmean(modes) if modes else math.nan,
                          "sps": stats.median_sps([s[2] for s in seeds]), "flags": flags or "?"})  # fmt: skip
             curves.setdefault(env_id, {})[variant] = [sorted(evals.items()) for _, evals, *_ in seeds]
     if not rows:
         fail(f"no runs with evaluations under {out}/*/runs/")
     write_csv(os.path.join(out, "study.csv"), rows)
     lines = ["| task | variant | seeds | steps | eval return | saturation (training) | probe state: near +-1 | "
-             "train steps/s |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "probe: modes per action | train steps/s |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in sorted(rows, key=lambda r: (r["env_id"], r["variant"])):
         returns = f"{r['final_mean']:.1f} ± {r['final_std']:.1f}"
         lines.append(f"| {r['env_id']} | {r['variant']} | {r['seeds']} | {r['steps']} | {returns} | "
-                     f"{r['saturation']:.0%} | {r['probe_saturation']:.0%} | {r['sps']:.1f} |")  # fmt: skip
-    lines += ["", "Eval return: mean ± std over seeds at the last step all seeds reached (5 episodes each).",
-              "Saturation (training): the share of action components at exactly -1 or +1 in the TD target's samples "
-              f"at the last logged step. Probe state: the share within {NEAR_BOUND} of +-1 "
-              "of 1,000 samples at the task's fixed initial state (the paper's Figure 4) at the last evaluation.",
-              "", "| variant | flags |", "|---|---|"]  # fmt: skip
+                     f"{r['saturation']:.0%} | {r['probe_saturation']:.0%} | {r['probe_modes']:.2f} | "
+                     f"{r['sps']:.1f} |")  # fmt: skip
+    lines += [
+        "",
+        "Eval return: mean ± std over seeds at the last step all seeds reached (5 episodes each).",
+        "Saturation (training): the share of action components at exactly -1 or +1 in the TD target's samples "
+        f"at the last logged step. Probe state: the share within {NEAR_BOUND} of +-1 "
+        "of 1,000 samples at the task's fixed initial state (the paper's Figure 4) at the last evaluation; "
+        "modes per action component as in the results summary, averaged over components and seeds.",
+        "",
+    ]
+    for env_id, variants in sorted(curves.items()):  # the variants at equal steps: those every seed reached
+        common = {v: sorted(set.intersection(*(set(dict(run)) for run in runs))) for v, runs in variants.items()}
+        steps = sorted(set().union(*common.values()))
+        lines += [f"{env_id}, eval return at equal steps, mean ± std over seeds:", "",
+                  "| variant | " + " | ".join(f"{s // 1000}k" if s % 1000 == 0 else str(s) for s in steps) + " |",
+                  "|---|" + "---|" * len(steps)]  # fmt: skip
+        for variant, runs in sorted(variants.items()):
+            at = {s: "{:.0f} ± {:.0f}".format(*stats.mean_std([dict(run)[s] for run in runs])) for s in common[variant]}
+            lines.append(f"| {variant} | " + " | ".join(at.get(s, "") for s in steps) + " |")
+        lines.append("")
+    lines += ["| variant | flags |", "|---|---|"]
     lines += [f"| {v} | `{f}` |" for v, f in sorted({(r["variant"], r["flags"]) for r in rows})] + [""]
     write_markdown(os.path.join(out, "study.md"), lines)
     plot_study(out, curves)

@@ -151,7 +151,8 @@ def test_mode_counter_on_samples_with_known_modes(name, expected):
 @pytest.mark.slow  # a subprocess
 def test_study_summary_compares_variant_directories(tmp_path):
     """DIR/VARIANT/runs/: one row per variant and task, the variant's own flags (those its runs recorded that differ
-    from the defaults, less those a resume may change), the probe state's share near +-1."""
+    from the defaults, less those a resume may change), the probe state's share near +-1 and modes, and per task the
+    variants' mean ± std at every step all of a variant's seeds reached."""
     from qsm_continuous import Args
 
     shared = {"env_id": "cheetah-run", "total_timesteps": 2000, "compile": True, "checkpoint_interval": 0}
@@ -165,7 +166,9 @@ def test_study_summary_compares_variant_directories(tmp_path):
     result = bench("summary", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     table = (tmp_path / "study.md").read_text()
-    assert "| cheetah-run | best16 | 1 2 | 2000 | 501.5 ± 0.5 | nan% | 70% | 10.0 |" in table  # 700 of 1,000 at -1
+    assert "| cheetah-run | best16 | 1 2 | 2000 | 501.5 ± 0.5 | nan% | 70% | 2.00 | 10.0 |" in table  # 700 at -1
+    assert "| variant | 1k | 2k |" in table and "| best16 | 100 ± 0 | 502 ± 0 |" in table
+    assert "| older |  | 400 ± 0 |" in table  # its one seed has no evaluation at 1k
     assert "| best16 | `--actor-hidden-dims 64 64 --normalize-q-grad --best-of-n 16` |" in table
     assert "| paper | `(the paper's defaults)` |" in table
     assert "| older | `--M-q 7.35` |" in table
