@@ -34,8 +34,9 @@ try:  # each loads the renderer MUJOCO_GL names
     import mujoco
     from dm_control import suite
 except Exception as error:  # e.g. EGL, for --capture-video, on a machine without libEGL
-    sys.exit(f"error: MuJoCo cannot load the renderer MUJOCO_GL={os.environ['MUJOCO_GL']} ({type(error).__name__}); "
-             "install its library (egl, for --capture-video: libegl1; osmesa: libosmesa6) or pick another")  # fmt: skip
+    print(f"error: MuJoCo cannot load the renderer MUJOCO_GL={os.environ['MUJOCO_GL']} ({type(error).__name__}); "
+          "install it (egl, for --capture-video: libegl1; osmesa: libosmesa6)", file=sys.stderr)  # fmt: skip
+    sys.exit(2)  # as bad input: before anything starts
 
 
 @dataclasses.dataclass

@@ -298,7 +298,7 @@ def test_capture_video_resumes_and_evaluates_a_saved_model(egl, tmp_path):
 def test_a_renderer_that_cannot_load_is_one_line(tmp_path):
     """MUJOCO_GL naming a renderer this machine lacks (here one that exists nowhere) ends before anything starts."""
     result = run_script(["--capture-video"], tmp_path, timeout=120, gl="no-such-renderer")
-    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr[-3000:]
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-3000:]
     assert result.stderr.startswith("error: MuJoCo cannot load the renderer MUJOCO_GL=no-such-renderer (RuntimeError)")
     assert not (tmp_path / "runs").exists()
 
