@@ -266,7 +266,7 @@ def egl():
     probe = "from dm_control import suite; suite.load('cartpole', 'swingup').physics.render(24, 32)"
     env = {**os.environ, "MUJOCO_GL": "egl"}
     if subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, timeout=120).returncode != 0:
-        pytest.skip("no headless OpenGL (EGL) on this machine: see README, Experiments")
+        pytest.skip("no headless OpenGL (EGL) on this machine: see README, Flags (--capture-video)")
 
 
 @pytest.mark.slow  # subprocesses
