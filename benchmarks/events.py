@@ -72,6 +72,15 @@ def script():
     return qsm_continuous
 
 
+def unknown_env_id(env_ids):
+    """The one-line error for the first of env_ids that is not one of the script's tasks, or None when all are."""
+    valid = script().ENV_IDS
+    for env_id in env_ids:
+        if env_id not in valid:
+            return f"--env-ids {env_id!r} is not a dm_control task; valid ids: {', '.join(valid)}"
+    return None
+
+
 def recorded_flags(acc, args_type, same_experiment):
     """The flags of a run as its event file records its arguments (the `hyperparameters` text of a new run) that
     differ from args_type's defaults, in the script's field order, without the ones in same_experiment (those a

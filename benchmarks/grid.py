@@ -96,10 +96,8 @@ def main(argv):
         study = study and glob.glob(os.path.join(opts.summary_only, "*", "runs"))  # DIR/VARIANT/runs/
         (report.summarize_study if study else report.summarize)(opts.summary_only)
         sys.exit(0)
-    valid = events.script().ENV_IDS
-    for env_id in opts.env_ids:
-        if env_id not in valid:
-            fail(f"--env-ids {env_id!r} is not a dm_control task; valid ids: {', '.join(valid)}")
+    if problem := events.unknown_env_id(opts.env_ids):
+        fail(problem)
     tasks = tasks_of(opts)
     for task in {(task.script, task.flags): task for task in tasks}.values():  # each variant's flags, parsed
         try:

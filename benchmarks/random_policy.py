@@ -6,6 +6,7 @@ action repeat and reward sums). Prints a markdown table: per seed the mean ± st
 """
 
 import argparse
+import sys
 from unittest import mock
 
 import events
@@ -33,9 +34,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--episodes", type=int, default=5, help="episodes per evaluation (the script's default: 5)")
     opts = parser.parse_args(argv)
-    valid = events.script().ENV_IDS
-    if bad := [env_id for env_id in opts.env_ids if env_id not in valid]:
-        parser.error(f"--env-ids {bad[0]!r} is not a dm_control task")
+    if problem := events.unknown_env_id(opts.env_ids):
+        sys.exit(f"error: {problem}")  # one line, as the other subcommands
     print("| task | seed | uniform random policy: eval return |\n|---|---|---|")
     for env_id in opts.env_ids:
         means = []

@@ -88,9 +88,8 @@ def parse(argv=None) -> argparse.Namespace:
                      "=, e.g. compile+best-of-n=16")  # fmt: skip
         if args.cudagraphs and not opts.cuda:
             sys.exit(f"error: --modes {mode!r} needs --cuda")
-    for env_id in opts.env_ids:
-        if env_id not in qsm.ENV_IDS:
-            sys.exit(f"error: --env-ids {env_id!r} is not a dm_control task; valid ids: {', '.join(qsm.ENV_IDS)}")
+    if problem := events.unknown_env_id(opts.env_ids):
+        sys.exit(f"error: {problem}")
     for script in opts.scripts:
         if not os.path.isfile(script):
             sys.exit(f"error: --scripts {script!r}: no such file")

@@ -1,6 +1,7 @@
 """benchmarks/random_policy.py: a uniform random policy on a run's own evaluation episodes (the pendulum baseline)."""
 
 import numpy as np
+import pytest
 import random_policy
 import torch
 
@@ -21,3 +22,12 @@ def test_random_returns_are_the_evaluation_episodes_under_uniform_actions(qsm):
             expected[i] += reward
     np.testing.assert_allclose(returns, expected, rtol=1e-12)
     assert returns[0] != returns[1] and (returns > 0).all()  # two different episodes, each with some reward
+
+
+def test_unknown_task_is_one_line_naming_the_valid_ids():
+    """The grid's and the speed benchmark's message (one helper, events.unknown_env_id), before any episode runs."""
+    with pytest.raises(SystemExit) as exit_:
+        random_policy.main(["--env-ids", "pendulum-swingup", "cheetah_run"])
+    message = exit_.value.code
+    assert message.startswith("error: --env-ids 'cheetah_run' is not a dm_control task; valid ids: acrobot-swingup")
+    assert "\n" not in message
