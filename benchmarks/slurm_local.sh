@@ -31,6 +31,8 @@ SlurmdLogFile=$dir/slurmd.log
 ReturnToService=2
 JobRequeue=1
 MinJobAge=600
+# a requeued task starts again within seconds, not at the next 30- or 60-second pass
+SchedulerParameters=bf_interval=5,sched_interval=5
 $node State=UNKNOWN
 PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF

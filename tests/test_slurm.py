@@ -55,12 +55,17 @@ def job_state(task):
 
 
 def wait_for(condition, timeout, what, release=None):
-    """wait_until, releasing the tasks of job `release` that Slurm holds after a requeue (~2 minutes)."""
+    """wait_until, releasing the tasks of job `release` that Slurm holds after a requeue (~2 minutes): each hold once,
+    5 s ahead (a task started again within the second of its requeue is killed: "Job credential revoked")."""
+    released = set()
 
     def check():
-        if release and "BeginTime" in slurm("squeue", "-h", "-o", "%r", "-j", release):
-            for task in slurm("squeue", "-h", "-o", "%i", "-j", release).split():
-                slurm("scontrol", "update", f"JobId={task}", "StartTime=now")
+        for line in slurm("squeue", "-h", "-o", "%i %r", "-j", release).splitlines() if release else []:
+            task, reason = line.split(maxsplit=1)
+            hold = (task, re.search(r"Restarts=(\d+)", slurm("scontrol", "show", "job", "-o", task))[1])
+            if reason == "BeginTime" and hold not in released:
+                slurm("scontrol", "update", f"JobId={task}", "StartTime=now+5")
+                released.add(hold)
         return condition()
 
     wait_until(check, timeout, what, poll=1)
@@ -112,9 +117,13 @@ def test_an_array_of_two_variants_survives_a_requeue_and_keeps_every_log_line(on
 
 
 def test_a_time_limit_requeues_the_task_until_its_run_reaches_its_last_step(on_cluster, tmp_path):
-    # 1 minute: USR1 comes 30 s ahead; 4 updates per step, so that no attempt can finish in one
+    # 2 minutes: USR1 60 s ahead, which Slurm's 30-s check sends 30-60 s after a start; 4 updates per step, so that
+    # no attempt can finish in one
     steps = ["--total-timesteps", "4000", "--utd-ratio", "4", "--eval-interval", "1000", "--checkpoint-interval", "250"]
-    job = submit(tmp_path, "--seeds", "1", "--time", "1", "--", *steps, *SMALL)
+    job = submit(tmp_path, "--seeds", "1", "--time", "2", "--", *steps, *SMALL)
+    # a USR1 before the run has started (--signal's may come that early): the task requeues as well
+    wait_for(lambda: (tmp_path / f"slurm-{job}_0.log").exists(), 60, "the task started")
+    assert slurm("scancel", "--signal=USR1", "--batch", f"{job}_0") == ""
     wait_for(done(job), 600, "the task finished", release=job)
     _, state = only_run(tmp_path / "runs")
     assert state["global_step"] == 4000
