@@ -118,7 +118,7 @@ def summarize(out):
     lines += rerun_lines(out, runs)
     write_markdown(os.path.join(out, "results.md"), lines)
     plot(out, runs)
-    print(f"wrote {out}/results.md, results.csv, curves.csv, probes.csv, curves.png and actions_*.png")
+    print(*lines, f"wrote {out}/results.md, results.csv, curves.csv, probes.csv, curves.png, actions_*.png", sep="\n")
 
 
 def aggregate_line(runs, rows):
@@ -231,7 +231,7 @@ def summarize_study(out):
     lines += [f"| {v} | `{f}` |" for v, f in sorted({(r["variant"], r["flags"]) for r in rows})] + [""]
     write_markdown(os.path.join(out, "study.md"), lines)
     plot_study(out, curves)
-    print(f"wrote {out}/study.md, {out}/study.csv, {out}/study_curves.png and {out}/*/actions_*.png")
+    print(*lines, f"wrote {out}/study.md, study.csv, study_curves.png and {out}/*/actions_*.png", sep="\n")
 
 
 def plot_study(out, curves):
@@ -286,10 +286,9 @@ def plot_seeds(ax, runs, color, label, alpha):
 
 
 def write_markdown(path, lines):
-    """The report's lines to path, and to the terminal."""
+    """The report's lines to path (printed by the caller last: a closed pipe, `| head`, cannot cut the files short)."""
     with open(path, "w") as f:
         f.write("\n".join(lines))
-    print("\n".join(lines))
 
 
 def pyplot():

@@ -35,6 +35,28 @@ def fake_run(out, env_id, seed, evals, sps, probe=None, bins=PROBE_BINS, args=No
     writer.close()
 
 
+class ClosedPipe:
+    def write(self, text):
+        raise BrokenPipeError
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("study", [False, True])
+def test_a_closed_pipe_cuts_no_summary_file_short(tmp_path, monkeypatch, study):
+    """`bash benchmark.sh summary DIR | head`: the output stops at the pipe's end, every file is written first (the
+    plots were drawn after the table's print, and lost)."""
+    runs_dir = tmp_path / "paper" if study else tmp_path  # a study's variant, or a grid
+    fake_run(runs_dir, "cheetah-run", 1, [(50_000, 100.0), (100_000, 300.0)], [10.0])
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    with pytest.raises(BrokenPipeError):
+        (report.summarize_study if study else report.summarize)(str(tmp_path))
+    written = ["study.md", "study.csv", "study_curves.png"] if study else ["results.md", "curves.csv", "curves.png"]
+    assert all((tmp_path / name).stat().st_size > 0 for name in written)
+    assert list(runs_dir.glob("actions_*.png"))
+
+
 @pytest.mark.slow  # a subprocess
 def test_summary_of_synthetic_runs(tmp_path):
     """Per task: mean ± std over seeds at the last step all seeds reached and at every evaluation, SAC's three seeds at
