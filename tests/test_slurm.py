@@ -62,8 +62,10 @@ def wait_for(condition, timeout, what, release=None):
     def check():
         for line in slurm("squeue", "-h", "-o", "%i %r", "-j", release).splitlines() if release else []:
             task, reason = line.split(maxsplit=1)
+            if reason != "BeginTime":  # only a held task needs its restart count (one scontrol call each)
+                continue
             hold = (task, re.search(r"Restarts=(\d+)", slurm("scontrol", "show", "job", "-o", task))[1])
-            if reason == "BeginTime" and hold not in released:
+            if hold not in released:
                 slurm("scontrol", "update", f"JobId={task}", "StartTime=now+5")
                 released.add(hold)
         return condition()
