@@ -20,6 +20,7 @@ import importlib.util
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -148,23 +149,36 @@ def run(task):
 
 def run_local(tasks, workers, cores=None):
     """Runs the tasks, `workers` at a time, each pinned to its own share of the cores. One thread starts and reaps
-    every run (pinning in preexec_fn is safe only in a process without other threads). Returns the failures."""
+    every run (pinning in preexec_fn is safe only in a process without other threads). Returns the failures.
+    SIGINT or SIGTERM to the pool (Ctrl-C, kill, timeout) starts no more runs and passes one SIGTERM to each running
+    one (in its own session, so the terminal's Ctrl-C reaches it only this way: a second signal would stop it at once,
+    without its checkpoint); when they have checkpointed, the pool exits 128 + the signal."""
     cores = sorted(cores or os.sched_getaffinity(0))
     workers = min(workers, len(tasks))
     share = max(1, len(cores) // workers)
     free = [cores[i * share : (i + 1) * share] or cores for i in range(workers)]  # one core set per worker
     print(f"{len(tasks)} runs, {workers} at a time, {share} core(s) each; logs in OUT/runs/ENV__seedN.log", flush=True)
-    pending, running, failed = list(tasks), [], 0
-    while pending or running:
-        while pending and free:
+    pending, running, failed, stop, passed_on = list(tasks), [], 0, [], False
+
+    def on_signal(signum, _):  # Ctrl-C, kill, timeout: no run starts; each running one gets a SIGTERM (below)
+        stop.append(signum)
+
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    while (pending and not stop) or running:
+        while pending and free and not stop:
             task, my_cores = pending.pop(0), free.pop()
             os.makedirs(os.path.join(task.out, "runs"), exist_ok=True)
             threads = str(len(my_cores))
             env = {**ENVIRONMENT, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TQDM_DISABLE": "1"}
             proc = subprocess.Popen([sys.executable, LAUNCH, "run", *task_argv(task)], env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    preexec_fn=lambda cores=my_cores: os.sched_setaffinity(0, cores))  # fmt: skip
+                                    preexec_fn=lambda cores=my_cores: os.sched_setaffinity(0, cores),
+                                    start_new_session=True)  # fmt: skip
             running.append((proc, task, my_cores, time.time()))
+        if stop and not passed_on:  # after the last start, so that every running run gets it, once
+            for proc, *_ in running:
+                proc.send_signal(signal.SIGTERM)
+            passed_on = True
         time.sleep(1.0)
         for item in [item for item in running if item[0].poll() is not None]:
             proc, task, my_cores, start = item
@@ -179,6 +193,12 @@ def run_local(tasks, workers, cores=None):
             failed += proc.returncode != 0
             name = os.path.relpath(task.out)
             print(f"{name}: {task.env_id} seed {task.seed}: {status} in {time.time() - start:.0f} s", flush=True)
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    if stop:
+        print(f"{signal.Signals(stop[0]).name}: the grid stopped ({len(pending)} runs not started); run the same "
+              "command again to resume it", file=sys.stderr, flush=True)  # fmt: skip
+        sys.exit(128 + stop[0])
     return failed
 
 

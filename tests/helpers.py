@@ -38,11 +38,23 @@ def start_script(args, cwd):
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
 
 
-def bench(*args, timeout=600):
-    """bash benchmark.sh ARGS; it runs `python`: this interpreter's, as in an activated virtual environment."""
+def bench_command(*args):
+    """bash benchmark.sh ARGS and its environment: it runs `python`, this interpreter's, as in an activated venv."""
     env = {**os.environ, "MUJOCO_GL": "disable", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    return subprocess.run(["bash", str(ROOT / "benchmark.sh"), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)  # fmt: skip
+    return ["bash", str(ROOT / "benchmark.sh"), *args], env
+
+
+def bench(*args, timeout=600):
+    """bash benchmark.sh ARGS run to its end: the CompletedProcess."""
+    command, env = bench_command(*args)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def start_bench(*args):
+    """bash benchmark.sh ARGS started in a session of its own, a process group to signal as a terminal does."""
+    command, env = bench_command(*args)
+    return subprocess.Popen(command, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            start_new_session=True)  # fmt: skip
 
 
 def wait_until(condition, timeout, what, proc=None, poll=0.05):

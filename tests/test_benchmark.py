@@ -1,7 +1,9 @@
 """benchmark.sh: the summary of TensorBoard files, the Slurm script, and a small local grid."""
 
 import csv
+import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -11,7 +13,8 @@ import numpy as np
 import pytest
 import report
 import stats
-from helpers import ROOT, bench
+import torch
+from helpers import ROOT, SMALL, bench, start_bench, wait_until
 
 PROBE_BINS = np.linspace(-1.0, 1.0, 201)  # the script's probe histogram
 
@@ -342,6 +345,36 @@ def test_local_grid_runs_seeds_in_parallel_and_summarises(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert len(rows) == 1 and rows[0]["seeds"] == "1 2" and rows[0]["steps"] == "600"
     assert (tmp_path / "results.md").exists() and (tmp_path / "curves.png").exists()
+
+
+@pytest.mark.slow  # a subprocess
+@pytest.mark.parametrize("signum, group", [(signal.SIGTERM, False), (signal.SIGINT, True)])  # kill GRID; Ctrl-C
+def test_a_signal_to_the_grid_checkpoints_its_runs_and_starts_no_more(tmp_path, signum, group):
+    flags = ["--total-timesteps", "100000", "--learning-starts", "500", "--checkpoint-interval", "500", *SMALL]
+    proc = start_bench("--env-ids", "cartpole-balance", "--seeds", "1", "2", "--workers", "1", "--out", str(tmp_path),
+                       "--", *flags)  # fmt: skip
+    runs = tmp_path / "runs"
+    checkpoint = wait_until(lambda: next(runs.glob("*/checkpoint.pt"), None), 120, "the first checkpoint", proc)
+    pid = int((checkpoint.parent / "run.lock").read_text().split()[-3])  # "pid N on HOST"
+    (os.killpg if group else os.kill)(proc.pid, signum)
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signum, stderr[-2000:]  # not killed by it (-signum), not a traceback (1)
+        said = f"{signum.name}: the grid stopped (1 runs not started); run the same command again to resume it\n"
+        assert stderr == said  # one line, no traceback
+        assert "cartpole-balance seed 1: stopped by a signal; run the same command again" in stdout
+        log = (runs / "cartpole-balance__seed1.log").read_text()
+        step = int(re.search(r"SIGTERM at step (\d+): checkpoint written", log)[1])  # one signal, passed on by the grid
+        assert torch.load(checkpoint, weights_only=True)["global_step"] == step < 100000
+        assert not (runs / "cartpole-balance__seed2.log").exists()  # never started
+    finally:
+        for alive in (proc.pid, pid):  # the old grid died at once and left its run running
+            try:
+                os.kill(alive, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    with pytest.raises(ProcessLookupError):  # the run had ended before the grid did
+        os.kill(pid, 0)
 
 
 def test_the_pool_reports_each_task_by_its_status(tmp_path, monkeypatch, capsys):
