@@ -1,6 +1,7 @@
 """The grid (benchmarks/grid.py, launch.py): what each task resumes, bad input, the Slurm array script, and a small
 local grid, run to its end and stopped by a signal. The array on a real Slurm: tests/test_slurm.py."""
 
+import contextlib
 import csv
 import os
 import re
@@ -167,6 +168,8 @@ def test_a_signal_to_the_grid_checkpoints_its_runs_and_starts_no_more(tmp_path, 
     try:
         stdout, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 128 + signum, stderr[-2000:]  # not killed by it (-signum), not a traceback (1)
+        with pytest.raises(ProcessLookupError):  # the run had ended before the grid did (the old grid left it running)
+            os.kill(pid, 0)
         said = f"{signum.name}: the grid stopped (1 runs not started); run the same command again to resume it\n"
         assert stderr == said  # one line, no traceback
         assert "cartpole-balance seed 1: stopped by a signal; run the same command again" in stdout
@@ -174,14 +177,10 @@ def test_a_signal_to_the_grid_checkpoints_its_runs_and_starts_no_more(tmp_path, 
         step = int(re.search(r"SIGTERM at step (\d+): checkpoint written", log)[1])  # one signal, passed on by the grid
         assert torch.load(checkpoint, weights_only=True)["global_step"] == step < 100000
         assert not (runs / "cartpole-balance__seed2.log").exists()  # never started
-    finally:
-        for alive in (proc.pid, pid):  # the old grid died at once and left its run running
-            try:
-                os.kill(alive, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    with pytest.raises(ProcessLookupError):  # the run had ended before the grid did
-        os.kill(pid, 0)
+    finally:  # a failed case leaves nothing running
+        proc.kill()  # (a no-op once it has ended)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_the_pool_reports_each_task_by_its_status(tmp_path, monkeypatch, capsys):
