@@ -1,9 +1,28 @@
-# Q-score matching (QSM): Psenka, Escontrela, Abbeel, Ma, "Learning a Diffusion Model Policy from Rewards via
-# Q-Score Matching", ICML 2024, https://arxiv.org/abs/2312.11752. Usage, flags and metrics: README.md.
-import os
-import sys
+"""Q-score matching (QSM) on the DeepMind Control Suite, in one file: read it top to bottom, run it, copy it.
 
-os.environ.setdefault("MUJOCO_GL", "disable")  # MuJoCo's renderer, read at import: none; --capture-video restarts
+Psenka, Escontrela, Abbeel, Ma, "Learning a Diffusion Model Policy from Rewards via Q-Score Matching", ICML 2024,
+https://arxiv.org/abs/2312.11752. Run: `python qsm_continuous.py --env-id cheetah-run` (`--help`: every flag).
+
+QSM in a few lines (the paper's Algorithm 1). The policy is a DDPM: from a_T ~ N(0, I), T reverse steps
+    a_{t-1} = clip((a_t - beta_t / sqrt(1 - alpha_bar_t) * eps_theta(s, a_t, t)) / sqrt(alpha_t) + sqrt(beta_t) z)
+turn noise into an action in [-1, 1]^A. The critics learn by TD on actions drawn from that sampler,
+    y = r + gamma * mask * min_i Q_i_targ(s', a'),  a' = clip(DDPM(s') + N(0, target_noise^2)),
+    L(phi) = sum_i mean (Q_i(s, a) - y)^2,
+and the denoiser is regressed onto the critics' action gradient at replay actions a noised by the forward process,
+a_t = sqrt(alpha_bar_t) a + sqrt(1 - alpha_bar_t) eps:
+    L(theta) = mean || eps_theta(s, a_t, t) - (-M_q * grad_a Q(s, a_t)) ||^2,  Q = mean_i Q_i.
+Each reverse step subtracts eps_theta, so every denoising step climbs Q. Only the denoiser is differentiated, never
+the sampling chain. Per environment step, after learning_starts random ones: one critic step, then one score step.
+
+Glossary. denoiser = eps_theta = "the actor" of the flags (--actor-lr, --actor-hidden-dims) and of its optimiser;
+critic = the num_q critics Q_i, one module; B batch size, S observation size, A action size, T diffusion steps
+(t = 0..T-1, T - 1 the noisiest), beta_t the noise schedule, alpha_t = 1 - beta_t, alpha_bar_t = prod_{k<=t} alpha_k.
+
+Map. Args; ENVIRONMENT (DMCEnv); ALGO LOGIC: the networks, the noise schedule, the sampler and the policy, the
+replay buffer, the two losses and their updates; TRAINING LOOP (`train`); then the RUN INFRASTRUCTURE, which changes
+nothing that is learned: evaluation and logging, speed (torch.compile, CUDA graphs), argument checks and resume, run
+directories and locks, checkpoints, the NaN guard, wandb, signals; last `__main__`.
+"""
 
 import contextlib
 import copy
@@ -12,13 +31,17 @@ import fcntl
 import functools
 import itertools
 import math
+import os
 import random
 import shutil
 import signal
 import socket
+import sys
 import time
 import urllib.parse
 from typing import Literal, NamedTuple
+
+os.environ.setdefault("MUJOCO_GL", "disable")  # read by MuJoCo's import: no renderer (--capture-video restarts)
 
 import imageio
 import numpy as np
@@ -33,10 +56,14 @@ from tqdm import tqdm
 try:  # each loads the renderer MUJOCO_GL names
     import mujoco
     from dm_control import suite
-except Exception as error:  # e.g. EGL, for --capture-video, on a machine without libEGL
-    print(f"error: MuJoCo cannot load the renderer MUJOCO_GL={os.environ['MUJOCO_GL']} ({type(error).__name__}); "
-          "install it (egl, for --capture-video: libegl1; osmesa: libosmesa6)", file=sys.stderr)  # fmt: skip
-    sys.exit(2)  # as bad input: before anything starts
+except Exception as error:  # e.g. EGL, for --capture-video, on a machine without libEGL: bad input, one line
+    renderer = os.environ["MUJOCO_GL"]
+    print(
+        f"error: MuJoCo cannot load the renderer MUJOCO_GL={renderer} ({type(error).__name__}); "
+        "install it (egl, for --capture-video: libegl1; osmesa: libosmesa6)",
+        file=sys.stderr,
+    )
+    sys.exit(2)
 
 
 @dataclasses.dataclass
@@ -143,9 +170,11 @@ class DMCEnv:
         domain, task = env_id.split("-", 1)  # at the first `-` only: `ball_in_cup-catch`, `cartpole-swingup_sparse`
         self.env = suite.load(domain, task, task_kwargs={"random": seed})
         spec = self.env.action_spec()
-        self.action_low, self.action_high = spec.minimum.astype(np.float64), spec.maximum.astype(np.float64)
+        self.action_low = spec.minimum.astype(np.float64)
+        self.action_high = spec.maximum.astype(np.float64)
         self.obs_dim = sum(int(np.prod(s.shape)) for s in self.env.observation_spec().values())
-        self.action_dim, self.action_repeat = spec.shape[0], action_repeat
+        self.action_dim = spec.shape[0]
+        self.action_repeat = action_repeat
 
     def rescale(self, action: np.ndarray) -> np.ndarray:  # [-1, 1] -> [minimum, maximum] of the action spec
         return self.action_low + (np.clip(action, -1.0, 1.0) + 1.0) * 0.5 * (self.action_high - self.action_low)
@@ -163,21 +192,6 @@ class DMCEnv:
                 break
         return flatten_observation(time_step.observation), float(reward), float(time_step.discount), time_step.last()
 
-    def get_state(self) -> dict:
-        """All that decides the task's future (MuJoCo's integration state, time-limit counter, the task's RNG)."""
-        env, spec = self.env, mujoco.mjtState.mjSTATE_INTEGRATION
-        buffer = np.empty(mujoco.mj_stateSize(env.physics.model.ptr, spec))
-        mujoco.mj_getState(env.physics.model.ptr, env.physics.data.ptr, buffer, spec)
-        return {"physics": torch.from_numpy(buffer), "step_count": env._step_count,
-                "reset_next_step": env._reset_next_step, "random": numpy_rng_state(env.task.random)}  # fmt: skip
-
-    def set_state(self, state: dict) -> None:
-        physics, spec = self.env.physics, mujoco.mjtState.mjSTATE_INTEGRATION
-        mujoco.mj_setState(physics.model.ptr, physics.data.ptr, state["physics"].numpy(), spec)
-        mujoco.mj_step1(physics.model.ptr, physics.data.ptr)  # dm_control steps with mj_step2 and expects this done
-        self.env._step_count, self.env._reset_next_step = state["step_count"], state["reset_next_step"]
-        self.env.task.random.set_state(state["random"])  # also from older checkpoints' key tensors
-
 
 # ALGO LOGIC: the networks
 class TwinCritic(nn.Module):
@@ -188,8 +202,10 @@ class TwinCritic(nn.Module):
         super().__init__()
         dims = (obs_dim + action_dim, *hidden_dims, 1)
         # per layer W (num_q, in, out), a layer computing x @ W + b; each critic Xavier-uniform, as the official init
-        self.weights = nn.ParameterList(torch.stack([nn.init.xavier_uniform_(torch.empty(i, o)) for _ in range(num_q)])
-                                        for i, o in itertools.pairwise(dims))  # fmt: skip
+        weights = []
+        for i, o in itertools.pairwise(dims):
+            weights.append(torch.stack([nn.init.xavier_uniform_(torch.empty(i, o)) for _ in range(num_q)]))
+        self.weights = nn.ParameterList(weights)
         self.biases = nn.ParameterList(torch.zeros(num_q, 1, o) for o in dims[1:])
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -202,13 +218,14 @@ class TwinCritic(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """eps_theta(s, a_t, t): t -> Fourier features [cos 2 pi t W, sin 2 pi t W] -> MLP(128, 128) mish -> cond;
-    MLP mish on concat(a_t, s, cond) -> predicted noise. As the official code, t is the integer step 0..T-1."""
+    """eps_theta(s, a_t, t): t -> Fourier features [cos 2 pi t W, sin 2 pi t W] -> the time MLP `cond` (128, 128,
+    mish) -> a time embedding; an MLP (mish) on concat(a_t, s, time embedding) -> the predicted noise. As the official
+    code, t is the integer step 0..T-1."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_dims: tuple[int, ...], *, time_dim: int = 64):
         super().__init__()
         self.fourier_kernel = nn.Parameter(torch.randn(time_dim // 2, 1) * 0.2)  # W ~ N(0, 0.2^2), learned
-        self.cond = nn.ModuleList([nn.Linear(time_dim, 128), nn.Linear(128, 128)])
+        self.cond = nn.ModuleList([nn.Linear(time_dim, 128), nn.Linear(128, 128)])  # the time MLP
         dims = (action_dim + obs_dim + 128, *hidden_dims)
         self.mlp = nn.ModuleList(nn.Linear(i, o) for i, o in itertools.pairwise(dims))
         self.out = nn.Linear(dims[-1], action_dim)
@@ -221,21 +238,26 @@ class Denoiser(nn.Module):
         """(B, S), (B, A), integer steps t (B,), or (1,) for one step shared by the batch -> predicted noise (B, A).
         The one definition of the network: the QSM loss and the sampler (acting, TD target, evaluation) call it."""
         f = 2 * math.pi * t.float().unsqueeze(-1) * self.fourier_kernel.T  # (B or 1, time_dim / 2), float32 always
-        cond = self.cond[1](F.mish(self.cond[0](torch.cat([torch.cos(f), torch.sin(f)], dim=-1))))  # (B or 1, 128)
-        # mlp[0](concat(a_t, s, cond)) = W_as [a_t; s] + (W_c cond + b): cond's part once per t, then broadcast
-        W_as, W_c = self.mlp[0].weight.split([self.mlp[0].in_features - cond.shape[-1], cond.shape[-1]], dim=1)
-        x = F.mish(F.linear(torch.cat([noisy_actions, obs], dim=-1), W_as) + F.linear(cond, W_c, self.mlp[0].bias))
+        features = torch.cat([torch.cos(f), torch.sin(f)], dim=-1)
+        time_embedding = self.cond[1](F.mish(self.cond[0](features)))  # (B or 1, 128)
+        # mlp[0](concat(a_t, s, emb)) = W_as [a_t; s] + (W_emb emb + b): the embedding's part once per t, broadcast
+        sizes = [self.mlp[0].in_features - time_embedding.shape[-1], time_embedding.shape[-1]]
+        W_as, W_emb = self.mlp[0].weight.split(sizes, dim=1)
+        time_share = F.linear(time_embedding, W_emb, self.mlp[0].bias)
+        x = F.mish(F.linear(torch.cat([noisy_actions, obs], dim=-1), W_as) + time_share)
         for layer in self.mlp[1:]:
             x = F.mish(layer(x))
         return self.out(x)
 
 
-# ALGO LOGIC: the diffusion policy
+# ALGO LOGIC: the noise schedule, the sampler and the policy
 def beta_schedule(name: str, T: int) -> np.ndarray:
     """beta_t for the steps t = 0..T-1 (float64), as the official code's schedules."""
     match name:
         case "vp":  # beta = 1 - exp(-b_min/T - (b_max - b_min)(2k - 1) / (2 T^2)), k = t + 1 = 1..T
-            k, b_min, b_max = np.arange(1, T + 1), 0.1, 10.0
+            k = np.arange(1, T + 1)
+            b_min = 0.1
+            b_max = 10.0
             return 1.0 - np.exp(-b_min / T - 0.5 * (b_max - b_min) * (2 * k - 1) / T**2)
         case "cosine":  # Nichol & Dhariwal (2021), s = 0.008
             alpha_bar = np.cos((np.linspace(0, T, T + 1) / T + 0.008) / 1.008 * np.pi / 2) ** 2
@@ -246,31 +268,37 @@ def beta_schedule(name: str, T: int) -> np.ndarray:
 
 
 class DiffusionSchedule:
-    """beta_t, alpha_t = 1 - beta_t and alpha_bar_t = prod_{k<=t} alpha_k for t = 0..T-1."""
+    """The noise schedule: beta_t, alpha_t = 1 - beta_t and alpha_bar_t = prod_{k<=t} alpha_k for t = 0..T-1."""
 
     def __init__(self, name: str, T: int, device: torch.device | str = "cpu"):
         betas = beta_schedule(name, T)
-        # floats for the sampler (constants under torch.compile); alpha_bar also as a tensor for the score update
-        self.T, self.betas, self.alphas = T, tuple(betas.tolist()), tuple((1.0 - betas).tolist())
+        self.T = T
+        # Python floats for the sampler (constants under torch.compile); alpha_bar also as a tensor, indexed by t
+        self.betas = tuple(betas.tolist())
+        self.alphas = tuple((1.0 - betas).tolist())
         self.alpha_bars = tuple(np.cumprod(1.0 - betas).tolist())
-        self.alpha_bars_t = torch.tensor(self.alpha_bars, dtype=torch.float32, device=device)
+        self.alpha_bars_tensor = torch.tensor(self.alpha_bars, dtype=torch.float32, device=device)
 
 
-def ddpm_sample(denoiser, schedule: DiffusionSchedule, obs: torch.Tensor, temperature: float = 1.0,
-                clip: str = "x_t", x_T: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def ddpm_sample(
+    denoiser, schedule: DiffusionSchedule, obs: torch.Tensor, temperature=1.0, clip="x_t", x_T=None
+) -> torch.Tensor:
     """The reverse DDPM chain from x_T ~ N(0, I) to an action in [-1, 1]^A: (B, S) -> (B, A). No gradient flows."""
     with torch.no_grad():
         x = torch.randn(obs.shape[0], denoiser.action_dim, device=obs.device) if x_T is None else x_T
         for t in reversed(range(schedule.T)):
-            alpha, alpha_bar, beta = schedule.alphas[t], schedule.alpha_bars[t], schedule.betas[t]
+            alpha = schedule.alphas[t]
+            alpha_bar = schedule.alpha_bars[t]
+            beta = schedule.betas[t]
             eps_pred = denoiser(obs, x, torch.full((1,), t, device=obs.device))  # one step t for the whole batch
             match clip:
                 case "x_t" | "final":  # x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_t)
                     x = (x - (1.0 - alpha) / math.sqrt(1.0 - alpha_bar) * eps_pred) / math.sqrt(alpha)
                 case "x0_hat":  # the posterior mean of q(x_{t-1} | x_t, x0_hat) at the clipped clean action
                     x0_hat = ((x - math.sqrt(1.0 - alpha_bar) * eps_pred) / math.sqrt(alpha_bar)).clamp(-1.0, 1.0)
-                    prev = schedule.alpha_bars[t - 1] if t > 0 else 1.0  # alpha_bar_{t-1}
-                    x = (math.sqrt(prev) * beta * x0_hat + math.sqrt(alpha) * (1.0 - prev) * x) / (1.0 - alpha_bar)
+                    alpha_bar_prev = schedule.alpha_bars[t - 1] if t > 0 else 1.0  # alpha_bar_{t-1}
+                    x0_part = math.sqrt(alpha_bar_prev) * beta * x0_hat
+                    x = (x0_part + math.sqrt(alpha) * (1.0 - alpha_bar_prev) * x) / (1.0 - alpha_bar)
                 case _:
                     raise ValueError(f"--sampler-clip {clip!r} is unknown; use one of: x_t, x0_hat, final")
             if t > 0:  # + sqrt(beta_t) * temperature * z
@@ -280,18 +308,22 @@ def ddpm_sample(denoiser, schedule: DiffusionSchedule, obs: torch.Tensor, temper
         return x.clamp(-1.0, 1.0)
 
 
-def best_of_n(agent: "Agent", obs: torch.Tensor, args: Args) -> torch.Tensor:
-    """The policy: of N = best_of_n DDPM samples per state (one sampler call), the best by min_i Q_i(s, a)."""
-    obs_n = obs.repeat_interleave(args.best_of_n, dim=0)  # (B N, S): sample k of state j in row j N + k
-    actions = ddpm_sample(agent.denoiser, agent.schedule, obs_n, args.ddpm_temperature, args.sampler_clip)
+def policy(agent: "Agent", obs: torch.Tensor, args: Args) -> torch.Tensor:
+    """pi(s): one DDPM sample per state (the paper); with --best-of-n N > 1, the best of N samples per state (drawn in
+    one sampler call) by min_i Q_i(s, a). (B, S) -> (B, A)."""
+    if args.best_of_n == 1:
+        return ddpm_sample(agent.denoiser, agent.noise_schedule, obs, args.ddpm_temperature, args.sampler_clip)
+    n = args.best_of_n
+    obs_n = obs.repeat_interleave(n, dim=0)  # (B N, S): sample k of state j in row j N + k
+    actions = ddpm_sample(agent.denoiser, agent.noise_schedule, obs_n, args.ddpm_temperature, args.sampler_clip)
     with torch.no_grad():
-        q = agent.critic(obs_n, actions).min(dim=0).values.view(-1, args.best_of_n, 1)  # (B, N, 1)
-    return actions.view(-1, args.best_of_n, actions.shape[-1]).take_along_dim(q.argmax(1, keepdim=True), dim=1)[:, 0]
+        q = agent.critic(obs_n, actions).min(dim=0).values.view(-1, n, 1)  # (B, N, 1)
+    return actions.view(-1, n, actions.shape[-1]).take_along_dim(q.argmax(dim=1, keepdim=True), dim=1)[:, 0]
 
 
 def act(agent: "Agent", obs: torch.Tensor, args: Args) -> torch.Tensor:
-    """The behaviour policy: a = clip(policy(s) + N(0, exploration_noise^2), -1, 1). Float32 also under --bf16."""
-    a = best_of_n(agent, obs, args)
+    """The behaviour policy: a = clip(pi(s) + N(0, exploration_noise^2), -1, 1). Float32 also under --bf16."""
+    a = policy(agent, obs, args)
     return (a + args.exploration_noise * torch.randn_like(a)).clamp(-1.0, 1.0)
 
 
@@ -311,7 +343,8 @@ class ReplayBuffer:
         # empty, not zeros: rows past `size` are never read, and on the CPU pages never written take no memory
         self.rows = torch.empty(capacity, 2 * obs_dim + action_dim + 2, device=device)
         self.sizes = (obs_dim, action_dim, 1, obs_dim, 1)
-        self.capacity, self.added = capacity, 0  # transitions ever added; position and fill follow from it
+        self.capacity = capacity
+        self.added = 0  # transitions ever added; the position and the fill follow from it
 
     pos = property(lambda self: self.added % self.capacity)  # the row the next transition overwrites
     size = property(lambda self: min(self.added, self.capacity))
@@ -347,28 +380,36 @@ def critic_loss(critic, critic_target, denoiser, schedule, batch: Batch, args: A
     qf_losses = (q - y).pow(2).mean(dim=1)  # (num_q,)
     metrics = {f"losses/qf{i + 1}_loss": loss for i, loss in enumerate(qf_losses)}
     metrics |= {f"losses/qf{i + 1}_values": values.mean() for i, values in enumerate(q)}
-    metrics |= {"losses/td_target": y.mean(), "charts/action_saturation": (next_actions.abs() >= 1.0).float().mean()}
+    metrics["losses/td_target"] = y.mean()
+    metrics["charts/action_saturation"] = (next_actions.abs() >= 1.0).float().mean()  # the share of a' at +-1
     return qf_losses.sum(), {key: value.detach() for key, value in metrics.items()}
 
 
-def qsm_target(critic, obs: torch.Tensor, noisy_actions: torch.Tensor, M_q: float, normalize: bool = False):
-    """-M_q * grad_a Q(s, a_t), Q the mean of the critics, by autograd on the critic's own forward: (B, A).
-    normalize (--normalize-q-grad): grad_a Q divided by its batch-mean norm, so M_q alone sets the scale."""
-    with torch.no_grad():  # a constant target: no gradient reaches the critics (torch.func.grad still differentiates)
+def grad_a_q(critic, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """grad_a Q(s, a), Q the mean of the critics, by autograd on the critic's own forward: (B, S), (B, A) -> (B, A)."""
+    with torch.no_grad():  # a constant: no gradient reaches the critics (torch.func.grad still differentiates)
         # Q(s_j, a_j) depends on a_j alone, so the gradient of the batch sum holds each sample's own grad_a Q
-        grad = torch.func.grad(lambda a: critic(obs, a).mean(dim=0).sum())(noisy_actions)
-        return -M_q * (grad / grad.norm(dim=-1).mean().clamp_min(1e-8) if normalize else grad)
+        return torch.func.grad(lambda a: critic(obs, a).mean(dim=0).sum())(actions)
+
+
+def qsm_target(q_grad: torch.Tensor, M_q: float, normalize: bool = False) -> torch.Tensor:
+    """-M_q * grad_a Q. normalize (--normalize-q-grad): grad_a Q divided by its batch-mean norm, so M_q alone sets
+    the scale."""
+    if normalize:
+        q_grad = q_grad / q_grad.norm(dim=-1).mean().clamp_min(1e-8)
+    return -M_q * q_grad
 
 
 def qsm_loss(denoiser, critic, schedule, batch: Batch, args: Args) -> tuple[torch.Tensor, torch.Tensor]:
-    """mean (eps_theta(s, a_t, t) - (-M_q grad_a Q(s, a_t)))^2 at noised replay actions; returns (loss, the Q term).
+    """mean (eps_theta(s, a_t, t) - (-M_q grad_a Q(s, a_t)))^2 at noised replay actions; returns (loss, grad_a Q).
     eps_theta predicts noise and each reverse step subtracts it, so matching -M_q grad_a Q makes every denoising step
     climb Q. Only the denoiser is differentiated, never the sampling chain."""
     t = torch.randint(0, schedule.T, batch.actions.shape[:1], device=batch.actions.device)  # t ~ U{0..T-1}, (B,)
     noise = torch.randn_like(batch.actions)  # eps ~ N(0, I)
-    alpha_bar = schedule.alpha_bars_t[t].unsqueeze(-1)  # (B, 1)
+    alpha_bar = schedule.alpha_bars_tensor[t].unsqueeze(-1)  # (B, 1)
     noisy_actions = alpha_bar.sqrt() * batch.actions + (1.0 - alpha_bar).sqrt() * noise  # a_t, (B, A)
-    q_term = qsm_target(critic, batch.obs, noisy_actions, args.M_q, args.normalize_q_grad)  # (B, A)
+    q_grad = grad_a_q(critic, batch.obs, noisy_actions)  # grad_a Q(s, a_t), (B, A)
+    q_term = qsm_target(q_grad, args.M_q, args.normalize_q_grad)  # -M_q grad_a Q(s, a_t)
     match args.score_target:
         case "paper":  # -M_q grad_a Q(s, a_t)
             target = q_term
@@ -377,7 +418,7 @@ def qsm_loss(denoiser, critic, schedule, batch: Batch, args: Args) -> tuple[torc
         case _:
             raise ValueError(f"--score-target {args.score_target!r} is unknown; use one of: paper, denoising")
     eps_pred = denoiser(batch.obs, noisy_actions, t).float()  # (B, A)
-    return (eps_pred - target).pow(2).mean(), q_term  # eps_theta(s, a_t, t) -> target
+    return (eps_pred - target).pow(2).mean(), q_grad  # eps_theta(s, a_t, t) -> target
 
 
 @dataclasses.dataclass
@@ -386,9 +427,9 @@ class Agent:
     critic_target: TwinCritic
     denoiser: Denoiser
     critic_optimizer: torch.optim.Optimizer
-    actor_optimizer: torch.optim.Optimizer
-    actor_scheduler: torch.optim.lr_scheduler.LambdaLR
-    schedule: DiffusionSchedule
+    actor_optimizer: torch.optim.Optimizer  # the denoiser's
+    actor_scheduler: torch.optim.lr_scheduler.LambdaLR  # the denoiser's learning rate
+    noise_schedule: DiffusionSchedule
 
 
 def cosine_decay(step: int, decay_steps: int) -> float:
@@ -406,14 +447,16 @@ def build_agent(obs_dim: int, action_dim: int, args: Args, device) -> Agent:
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr(args.critic_lr), fused=True, capturable=args.cudagraphs)
     actor_optimizer = torch.optim.Adam(denoiser.parameters(), lr(args.actor_lr), fused=True, capturable=args.cudagraphs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(actor_optimizer, lambda k: cosine_decay(k, args.actor_lr_decay_steps))
-    schedule = DiffusionSchedule(args.beta_schedule, args.T, device)
-    return Agent(critic, critic_target, denoiser, critic_optimizer, actor_optimizer, scheduler, schedule)
+    noise_schedule = DiffusionSchedule(args.beta_schedule, args.T, device)
+    return Agent(critic, critic_target, denoiser, critic_optimizer, actor_optimizer, scheduler, noise_schedule)
 
 
 def update_critic(agent: Agent, batch: Batch, args: Args) -> dict:
     """One TD step on the critics, then the Polyak step of the targets. Returns detached metrics (no syncs)."""
     with torch.autocast(batch.obs.device.type, torch.bfloat16, enabled=args.bf16):  # --bf16: the forward only
-        loss, metrics = critic_loss(agent.critic, agent.critic_target, agent.denoiser, agent.schedule, batch, args)
+        loss, metrics = critic_loss(
+            agent.critic, agent.critic_target, agent.denoiser, agent.noise_schedule, batch, args
+        )
     agent.critic_optimizer.zero_grad(set_to_none=True)
     loss.backward()
     agent.critic_optimizer.step()
@@ -425,11 +468,11 @@ def update_critic(agent: Agent, batch: Batch, args: Args) -> dict:
 def update_actor(agent: Agent, batch: Batch, args: Args) -> dict:
     """One QSM step on the denoiser against the critics just updated. Returns detached metrics (no syncs)."""
     with torch.autocast(batch.obs.device.type, torch.bfloat16, enabled=args.bf16):  # --bf16: the forward only
-        loss, q_term = qsm_loss(agent.denoiser, agent.critic, agent.schedule, batch, args)
+        loss, q_grad = qsm_loss(agent.denoiser, agent.critic, agent.noise_schedule, batch, args)
     agent.actor_optimizer.zero_grad(set_to_none=True)
     loss.backward()
     agent.actor_optimizer.step()
-    return {"losses/actor_loss": loss.detach(), "losses/q_grad_norm": q_term.norm(dim=-1).mean() / args.M_q}
+    return {"losses/actor_loss": loss.detach(), "losses/q_grad_norm": q_grad.norm(dim=-1).mean()}
 
 
 def train_step(agent: Agent, batch: Batch, args: Args) -> dict:
@@ -437,17 +480,69 @@ def train_step(agent: Agent, batch: Batch, args: Args) -> dict:
     return update_critic(agent, batch, args) | update_actor(agent, batch, args)
 
 
-# TRY NOT TO MODIFY: evaluation, speed, checkpoints, argument checks
+# TRAINING LOOP: Algorithm 1 over the environment's steps
+def train(args: Args, saved: dict | None = None, run_dir: str | None = None) -> int:
+    """Trains from scratch, or on from a checkpoint (`saved`, in `run_dir`); returns the exit status: 0 at the last
+    step, 128 + the signal when a signal stopped it earlier."""
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if args.cuda else "cpu")
+    env = DMCEnv(args.env_id, args.seed, args.action_repeat)  # the training task, seeded with the run's seed
+
+    # ALGO LOGIC: initialise the critics, their targets, the denoiser and an empty replay buffer
+    agent = build_agent(env.obs_dim, env.action_dim, args, device)
+    rb = make_replay_buffer(args, env.obs_dim, env.action_dim, device)  # ReplayBuffer, if it fits in memory
+    update, explore = speed_up(agent, rb, args)  # train_step and act, compiled and graphed when asked
+
+    # the run directory, logging, evaluation, checkpoints, signals; on --resume the checkpoint's state
+    with Run(args, agent, rb, env, saved, run_dir) as run:
+        obs, episode_return, episode_length = run.episode  # a fresh env.reset(), or the checkpoint's episode
+        for global_step in run.steps:  # 0, action_repeat, 2 action_repeat, ... < total_timesteps
+            # ALGO LOGIC: act (uniformly at random before learning starts), step the task, store the transition
+            if global_step < args.learning_starts:
+                action = np.random.uniform(-1.0, 1.0, env.action_dim).astype(np.float32)
+            else:
+                action = explore(torch.as_tensor(obs, device=device).unsqueeze(0))[0].cpu().numpy()
+            next_obs, reward, mask, done = env.step(action)
+            rb.add(obs, action, reward, next_obs, mask)
+            obs = next_obs  # CRUCIAL step easy to overlook: the next action is taken from the next state
+            episode_return += reward
+            episode_length += args.action_repeat
+            if done:
+                run.log_episode(global_step, episode_return, episode_length)
+                obs = env.reset()
+                episode_return = 0.0
+                episode_length = 0
+
+            # ALGO LOGIC: Algorithm 1's update, a critic step then a score step, utd_ratio times per environment step
+            if global_step >= args.learning_starts:
+                for _ in range(args.utd_ratio):
+                    metrics = update(rb.sample_indices(args.batch_size))  # train_step on the batch at these indices
+                    agent.actor_scheduler.step()
+                    run.record(global_step, metrics)
+
+            # TRY NOT TO MODIFY: losses every 100 steps, evaluations, checkpoints, a signal's stop
+            if run.end_of_step(global_step, (obs, episode_return, episode_length)):
+                break
+    return run.exit_status
+
+
+# RUN INFRASTRUCTURE: nothing below changes what is learned. Evaluation and logging, speed (torch.compile, CUDA
+# graphs), argument checks and resume, run directories and locks, checkpoints, the NaN guard, wandb, signals.
 def evaluate(envs: list[DMCEnv], agent: Agent, args: Args, device, video: str | None = None) -> np.ndarray:
     """One episode per env, side by side, no exploration noise; env i reseeded with seed + 10000 + i every time."""
     for i, env in enumerate(envs):
         env.env.task.random.seed(args.seed + 10_000 + i)
     obs = np.stack([env.reset() for env in envs])
-    returns, running, frames = np.zeros(len(envs)), np.ones(len(envs), dtype=bool), []
+    returns = np.zeros(len(envs))
+    running = np.ones(len(envs), dtype=bool)
+    frames = []
     while running.any():
         if video and running[0]:  # film the first episode
             frames.append(envs[0].env.physics.render(height=240, width=320, camera_id=0))
-        actions = best_of_n(agent, torch.as_tensor(obs[running], device=device), args).cpu().numpy()
+        actions = policy(agent, torch.as_tensor(obs[running], device=device), args).cpu().numpy()
         for action, i in zip(actions, np.flatnonzero(running), strict=True):
             obs[i], reward, _, done = envs[i].step(action)
             returns[i] += reward
@@ -459,12 +554,58 @@ def evaluate(envs: list[DMCEnv], agent: Agent, args: Args, device, video: str | 
     return returns
 
 
+def evaluate_and_log(agent: Agent, args: Args, eval_envs, probe_obs, writer, step: int) -> float:
+    """Logs eval returns, the probe state's actions (paper, Fig. 4), a video; returns its seconds. RNGs forked."""
+    start = time.time()
+    run_name = os.path.basename(os.path.abspath(writer.log_dir))
+    video = f"videos/{run_name}/step_{step}.mp4" if args.capture_video else None
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if probe_obs.is_cuda else []):
+        returns = evaluate(eval_envs, agent, args, probe_obs.device, video)
+        probe_states = probe_obs.expand(1000, -1)
+        probe = ddpm_sample(
+            agent.denoiser, agent.noise_schedule, probe_states, args.ddpm_temperature, args.sampler_clip
+        )
+        probe = probe.cpu()
+    writer.add_scalar("eval/episodic_return", returns.mean(), step)
+    writer.add_scalar("eval/episodic_return_std", returns.std(), step)
+    for dim in range(probe.shape[1]):  # buckets 0.01 wide: the share near +-1 and the modes are read off them
+        writer.add_histogram(f"eval/action_dim_{dim}", probe[:, dim], step, bins=np.linspace(-1.0, 1.0, 201))
+    tqdm.write(f"step {step}: eval return {returns.mean():.1f} +- {returns.std():.1f}")
+    if video and args.track:
+        import wandb
+
+        wandb.log({"videos/eval": wandb.Video(video, format="mp4")})
+    return time.time() - start
+
+
+def speed_up(agent: Agent, rb: ReplayBuffer, args: Args):
+    """(update, explore): train_step on the batch at given indices, and act. --compile rebinds this module's losses
+    and sampler to compiled versions, so every caller (updates, acting, evaluation) gets them; --cudagraphs replays
+    each of the two from a CUDA graph. The same math either way."""
+    global critic_loss, qsm_loss, ddpm_sample
+    if args.compile:
+        critic_loss = torch.compile(critic_loss)
+        qsm_loss = torch.compile(qsm_loss)
+        ddpm_sample = torch.compile(ddpm_sample)
+
+    def update(idx: torch.Tensor) -> dict:  # gathers its own batch: a CUDA graph replays the gather too
+        return train_step(agent, rb.gather(idx), args)
+
+    explore = functools.partial(act, agent, args=args)
+    if args.cudagraphs:
+        return CudaGraph(update), CudaGraph(explore)
+    return update, explore
+
+
 class CudaGraph:
     """fn(x) replayed from a CUDA graph: one launch for an update's hundreds of kernels (LeanRL's trick). `warmup` real
     eager calls, then a capture; exact as fn reads only x and tensors updated in place. Outputs get overwritten."""
 
     def __init__(self, fn, warmup: int = 3):
-        self.fn, self.warmup, self.graph, self.input = fn, warmup, None, None
+        self.fn = fn
+        self.warmup = warmup
+        self.graph = None
+        self.input = None
 
     def __call__(self, x: torch.Tensor):
         # every call, warm-ups too, reads the same input tensor: torch.compile never recompiles in a capture
@@ -485,29 +626,67 @@ class CudaGraph:
         return self.outputs
 
 
+class Failure(Exception):
+    """Bad input, a failed write, a non-finite loss: `__main__` prints it as one line `error: ...` and exits 2."""
+
+
 def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    raise Failure(message)
 
 
 # the flags that may change when a run resumes without changing what it learns; any other change is named
-RUN_FIELDS = ("exp_name", "cuda", "track", "wandb_project_name", "wandb_entity", "save_model", "capture_video",
-              "evaluate_model", "checkpoint_interval", "resume", "total_timesteps", "eval_interval", "eval_episodes",
-              "compile", "cudagraphs")  # fmt: skip
+RUN_FIELDS = (
+    "exp_name",
+    "cuda",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+    "save_model",
+    "capture_video",
+    "evaluate_model",
+    "checkpoint_interval",
+    "resume",
+    "total_timesteps",
+    "eval_interval",
+    "eval_episodes",
+    "compile",
+    "cudagraphs",
+)
 RESUME_FIXED = ("env_id", "seed", "action_repeat", "buffer_size", "num_q", "critic_hidden_dims", "actor_hidden_dims")
-POSITIVE = ("total_timesteps", "buffer_size", "batch_size", "critic_lr", "actor_lr", "actor_lr_decay_steps", "T", "M_q",
-            "num_q", "critic_hidden_dims", "actor_hidden_dims", "utd_ratio", "eval_interval", "eval_episodes",
-            "action_repeat", "best_of_n")  # fmt: skip
+POSITIVE = (
+    "total_timesteps",
+    "buffer_size",
+    "batch_size",
+    "critic_lr",
+    "actor_lr",
+    "actor_lr_decay_steps",
+    "T",
+    "M_q",
+    "num_q",
+    "critic_hidden_dims",
+    "actor_hidden_dims",
+    "utd_ratio",
+    "eval_interval",
+    "eval_episodes",
+    "action_repeat",
+    "best_of_n",
+)
 NON_NEGATIVE = ("checkpoint_interval", "learning_starts", "ddpm_temperature", "exploration_noise", "target_noise")
-RANGES = {"seed": (lambda v: 0 <= v < 4294947296, "in [0, 2^32 - 20000)"), "tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
-          "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"), **dict.fromkeys(POSITIVE, (lambda v: v > 0, "positive")),
-          **dict.fromkeys(NON_NEGATIVE, (lambda v: v >= 0, ">= 0"))}  # fmt: skip
+MAX_SEED = 2**32 - 20_000  # NumPy's seeds end at 2^32; the probe state's seed is seed + 20000
+RANGES = {
+    "seed": (lambda v: 0 <= v < MAX_SEED, "in [0, 2^32 - 20000)"),
+    "tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    **dict.fromkeys(POSITIVE, (lambda v: v > 0, "positive")),
+    **dict.fromkeys(NON_NEGATIVE, (lambda v: v >= 0, ">= 0")),
+}
 
 
 def check_args(args: Args) -> str | None:
     """The first problem with `args` as a one-line message naming the flag and the fix, or None."""
     for name, (ok, rule) in RANGES.items():
-        value, flag = getattr(args, name), f"--{name.replace('_', '-')}"
+        value = getattr(args, name)
+        flag = f"--{name.replace('_', '-')}"
         if value == ():
             return f"{flag} needs one or more positive sizes"
         for v in value if isinstance(value, tuple) else (value,):
@@ -521,7 +700,8 @@ def check_args(args: Args) -> str | None:
         return "--cuda was given but torch sees no CUDA device; drop --cuda or install a CUDA build of torch (README)"
     if args.cudagraphs and not args.cuda:
         return "--cudagraphs needs a CUDA device (--cuda); on the CPU, run with --no-cudagraphs"
-    if args.compile and not args.cuda and not shutil.which(cxx := os.environ.get("CXX", "g++")):  # inductor's kernels
+    cxx = os.environ.get("CXX", "g++")
+    if args.compile and not args.cuda and not shutil.which(cxx):  # inductor's CPU kernels are C++
         return f"--compile on the CPU needs a C++ compiler ({cxx}); install one or run with --no-compile"
 
 
@@ -548,15 +728,37 @@ def resume_args(args: Args) -> tuple[Args, str, dict]:
         now, was = (" ".join(map(str, v)) if isinstance(v, tuple) else v for v in (vars(args)[name], vars(saved)[name]))
         flag = f"--{name.replace('_', '-')}"
         if now != was and name in RESUME_FIXED:
-            fail(f"--resume: the checkpoint was trained with {flag} {was}, this run asks for {now}; drop {flag} to "
-                 "continue that run, or start a new one")  # fmt: skip
-        changed += [f"{flag} {now} (was {was})"] if now != was else []
+            fail(
+                f"--resume: the checkpoint was trained with {flag} {was}, this run asks for {now}; drop {flag} to "
+                "continue that run, or start a new one"
+            )
+        if now != was:
+            changed.append(f"{flag} {now} (was {was})")
     if changed:
         print(f"note: resuming with {', '.join(changed)}: the run no longer continues exactly", file=sys.stderr)
     if args.total_timesteps <= state["global_step"]:  # so the training loop runs at least once
-        fail(f"--resume: the checkpoint is at step {state['global_step']}, its --total-timesteps is "
-             f"{args.total_timesteps}: nothing to train; raise --total-timesteps to train on")  # fmt: skip
+        fail(
+            f"--resume: the checkpoint is at step {state['global_step']}, its --total-timesteps is "
+            f"{args.total_timesteps}: nothing to train; raise --total-timesteps to train on"
+        )
     return args, os.path.dirname(file) or ".", state
+
+
+def command_line() -> tuple[Args, dict | None, str | None]:
+    """The flags (on --resume the checkpoint's, overridden by those given), checked: (args, saved state, run dir)."""
+    args = tyro.cli(Args)
+    saved = None
+    run_dir = None
+    if args.resume:
+        args, run_dir, saved = resume_args(args)
+    if problem := check_args(args):
+        fail(problem)
+    if args.capture_video and os.environ["MUJOCO_GL"] == "disable":  # also a resumed video run: restart, with EGL
+        os.execve(sys.executable, sys.orig_argv, os.environ | {"MUJOCO_GL": "egl"})
+    if args.bf16 and not args.cuda and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        print("warning: this CPU has no bfloat16 matrix instructions; --bf16 runs slower than float32", file=sys.stderr)
+    absl_logging.set_verbosity(absl_logging.ERROR)  # dm_control's deprecation chatter
+    return args, saved, run_dir
 
 
 def claim_run_dir(run_dir: str | None, args: Args):
@@ -586,12 +788,39 @@ def make_replay_buffer(args: Args, obs_dim: int, action_dim: int, device: torch.
     if device.type == "cuda" or need <= ram:
         with contextlib.suppress(RuntimeError):  # out of memory
             return ReplayBuffer(args.buffer_size, obs_dim, action_dim, device)
-    fail(f"--buffer-size {args.buffer_size}: the replay buffer needs {need / 2**30:.1f} GiB, more than this "
-         f"{device.type} can allocate; lower --buffer-size")  # fmt: skip
+    fail(
+        f"--buffer-size {args.buffer_size}: the replay buffer needs {need / 2**30:.1f} GiB, more than this "
+        f"{device.type} can allocate; lower --buffer-size"
+    )
 
 
 def numpy_rng_state(rng) -> tuple:  # a NumPy RandomState's state, its key as a list: weights_only loads it
     return tuple(v.tolist() if isinstance(v, np.ndarray) else v for v in rng.get_state())
+
+
+def env_state(env: DMCEnv) -> dict:
+    """All that decides the task's future (MuJoCo's integration state, time-limit counter, the task's RNG)."""
+    physics = env.env.physics
+    spec = mujoco.mjtState.mjSTATE_INTEGRATION
+    buffer = np.empty(mujoco.mj_stateSize(physics.model.ptr, spec))
+    mujoco.mj_getState(physics.model.ptr, physics.data.ptr, buffer, spec)
+    return {
+        "physics": torch.from_numpy(buffer),
+        "step_count": env.env._step_count,
+        "reset_next_step": env.env._reset_next_step,
+        "random": numpy_rng_state(env.env.task.random),
+    }
+
+
+def set_env_state(env: DMCEnv, state: dict) -> None:
+    physics = env.env.physics
+    mujoco.mj_setState(
+        physics.model.ptr, physics.data.ptr, state["physics"].numpy(), mujoco.mjtState.mjSTATE_INTEGRATION
+    )
+    mujoco.mj_step1(physics.model.ptr, physics.data.ptr)  # dm_control steps with mj_step2 and expects this done
+    env.env._step_count = state["step_count"]
+    env.env._reset_next_step = state["reset_next_step"]
+    env.env.task.random.set_state(state["random"])  # also from older checkpoints' key tensors
 
 
 def agent_state(agent: Agent, args: Args) -> dict:
@@ -602,13 +831,20 @@ def agent_state(agent: Agent, args: Args) -> dict:
 
 def training_state(agent: Agent, args: Args, rb: ReplayBuffer, env: DMCEnv, step: int, episode: tuple, run=None):
     """Everything a run needs to go on exactly as if never stopped, the replay buffer's filled rows included."""
+    rng = {
+        "python": random.getstate(),
+        "numpy": numpy_rng_state(np.random),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
+    }
     return agent_state(agent, args) | {
-        "global_step": step, "env": env.get_state(), "episode": [torch.from_numpy(episode[0]), *episode[1:]],
+        "global_step": step,
+        "env": env_state(env),
+        "episode": [torch.from_numpy(episode[0]), *episode[1:]],
         "buffer": {"rows": rb.rows[: rb.size].to("cpu", copy=True), "added": rb.added},  # one copy: a view saves all
         "wandb_id": run and run.id,
-        "rng": {"python": random.getstate(), "numpy": numpy_rng_state(np.random), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None},
-    }  # fmt: skip
+        "rng": rng,
+    }
 
 
 def save_atomic(path: str, state: dict) -> None:
@@ -625,8 +861,11 @@ def save_atomic(path: str, state: dict) -> None:
         with contextlib.suppress(OSError):
             os.remove(f"{path}.tmp")
         last = os.path.join(os.path.dirname(path), "checkpoint.pt")  # untouched by the failed write
-        fail(f"cannot write {path} ({getattr(error, 'strerror', None) or error}; {free:.0f} MiB free there); the last "
-             f"good checkpoint: {last if os.path.exists(last) else 'none'}")  # fmt: skip
+        why = getattr(error, "strerror", None) or error
+        fail(
+            f"cannot write {path} ({why}; {free:.0f} MiB free there); the last good checkpoint: "
+            f"{last if os.path.exists(last) else 'none'}"
+        )
 
 
 def load_networks(agent: Agent, state: dict, file: str, names=("critic", "critic_target", "denoiser")) -> None:
@@ -635,8 +874,10 @@ def load_networks(agent: Agent, state: dict, file: str, names=("critic", "critic
         try:
             getattr(agent, name).load_state_dict(state[name])
         except RuntimeError as error:  # its second line names the first parameters missing, extra or of another shape
-            fail(f"{file}: its {name} was made by another version of {type(getattr(agent, name)).__name__} "
-                 f"({error.args[0].splitlines()[1].strip()}); resume it with the file that made it")  # fmt: skip
+            fail(
+                f"{file}: its {name} was made by another version of {type(getattr(agent, name)).__name__} "
+                f"({error.args[0].splitlines()[1].strip()}); resume it with the file that made it"
+            )
 
 
 def restore(file: str, state: dict, agent: Agent, args: Args, rb: ReplayBuffer, env: DMCEnv) -> tuple:
@@ -651,8 +892,9 @@ def restore(file: str, state: dict, agent: Agent, args: Args, rb: ReplayBuffer, 
             group["capturable"] = args.cudagraphs
             group["lr"] = torch.tensor(lr, device=rb.rows.device) if args.cudagraphs else lr
     rows = state["buffer"].pop("rows")  # not kept alive for the run's life: the buffer holds them now
-    rb.rows[: len(rows)], rb.added = rows.to(rb.rows.device), state["buffer"]["added"]
-    env.set_state(state["env"])
+    rb.rows[: len(rows)] = rows.to(rb.rows.device)
+    rb.added = state["buffer"]["added"]
+    set_env_state(env, state["env"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -665,8 +907,14 @@ def evaluate_model(args: Args) -> None:
     """--evaluate-model PATH: the saved policy, --eval-episodes episodes (the usual eval seeds), no training."""
     file, state = load_checkpoint(args.evaluate_model, "--evaluate-model")
     device = torch.device("cuda" if args.cuda else "cpu")
-    args = dataclasses.replace(state["args"], cuda=args.cuda, eval_episodes=args.eval_episodes, seed=args.seed,
-                               capture_video=args.capture_video, cudagraphs=False)  # fmt: skip
+    args = dataclasses.replace(
+        state["args"],
+        cuda=args.cuda,
+        eval_episodes=args.eval_episodes,
+        seed=args.seed,
+        capture_video=args.capture_video,
+        cudagraphs=False,
+    )
     envs = [DMCEnv(args.env_id, args.seed + 10_000 + i, args.action_repeat) for i in range(args.eval_episodes)]
     agent = build_agent(envs[0].obs_dim, envs[0].action_dim, args, device)
     load_networks(agent, state, file, ("denoiser", "critic"))  # the critic: --best-of-n ranks the samples by Q
@@ -674,8 +922,9 @@ def evaluate_model(args: Args) -> None:
     video = f"videos/{run_name}/evaluate.mp4" if args.capture_video else None
     torch.manual_seed(args.seed)
     returns = evaluate(envs, agent, args, device, video)
-    print(f"{args.env_id}: eval return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes "
-          f"({', '.join(f'{r:.1f}' for r in returns)})" + (f"; video: {video}" if video else ""))  # fmt: skip
+    episodes = ", ".join(f"{r:.1f}" for r in returns)
+    line = f"{args.env_id}: eval return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes"
+    print(f"{line} ({episodes})" + (f"; video: {video}" if video else ""))
 
 
 def start_wandb(args: Args, run_name: str, wandb_id: str | None):
@@ -689,28 +938,16 @@ def start_wandb(args: Args, run_name: str, wandb_id: str | None):
         except OSError:
             os.environ["WANDB_MODE"] = "offline"
             print("wandb: no network; logging offline to ./wandb (to upload: wandb sync --sync-all)", file=sys.stderr)
-    return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                      config=vars(args), name=run_name, save_code=True, id=wandb_id, resume="allow")  # fmt: skip
-
-
-def evaluate_and_log(agent: Agent, args: Args, eval_envs, probe_obs, writer, step: int) -> float:
-    """Logs eval returns, the probe state's actions (paper, Fig. 4), a video; returns its seconds. RNGs forked."""
-    start, run_name = time.time(), os.path.basename(os.path.abspath(writer.log_dir))
-    video = f"videos/{run_name}/step_{step}.mp4" if args.capture_video else None
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if probe_obs.is_cuda else []):
-        returns = evaluate(eval_envs, agent, args, probe_obs.device, video)
-        probe = ddpm_sample(agent.denoiser, agent.schedule, probe_obs.expand(1000, -1), args.ddpm_temperature,
-                            args.sampler_clip).cpu()  # fmt: skip
-    writer.add_scalar("eval/episodic_return", returns.mean(), step)
-    writer.add_scalar("eval/episodic_return_std", returns.std(), step)
-    for dim in range(probe.shape[1]):  # buckets 0.01 wide: the share near +-1 and the modes are read off them
-        writer.add_histogram(f"eval/action_dim_{dim}", probe[:, dim], step, bins=np.linspace(-1.0, 1.0, 201))
-    tqdm.write(f"step {step}: eval return {returns.mean():.1f} +- {returns.std():.1f}")
-    if video and args.track:
-        import wandb
-
-        wandb.log({"videos/eval": wandb.Video(video, format="mp4")})
-    return time.time() - start
+    return wandb.init(
+        project=args.wandb_project_name,
+        entity=args.wandb_entity,
+        sync_tensorboard=True,
+        config=vars(args),
+        name=run_name,
+        save_code=True,
+        id=wandb_id,
+        resume="allow",
+    )
 
 
 def check_finite(finite: torch.Tensor, metrics: dict, step: int, last_checkpoint: str | None, agent=None) -> None:
@@ -735,116 +972,138 @@ def request_stop(signum, frame) -> None:
     signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once; the last checkpoint stays whole
 
 
-if __name__ == "__main__":
-    args, run_dir, saved = tyro.cli(Args), None, None
-    if args.resume:
-        args, run_dir, saved = resume_args(args)
-    if problem := check_args(args):
-        fail(problem)
-    if args.capture_video and os.environ["MUJOCO_GL"] == "disable":  # also a resumed video run: restart, with EGL
-        os.execve(sys.executable, sys.orig_argv, os.environ | {"MUJOCO_GL": "egl"})
-    if args.evaluate_model:
-        sys.exit(evaluate_model(args))
+class Run:
+    """All of a training run that is not learning: its directory and lock, TensorBoard and wandb, the evaluation
+    tasks and the probe state, a --resume's restore, the progress bar (`steps`), the NaN guard, the evaluations,
+    checkpoints and signals. As a context manager it ends the progress bar's line on the way out, so that whatever
+    comes next, an error included, starts on its own line."""
 
-    # TRY NOT TO MODIFY: seeding, the environments, the agent, logging
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if args.cuda else "cpu")
-    if args.bf16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        print("warning: this CPU has no bfloat16 matrix instructions; --bf16 runs slower than float32", file=sys.stderr)
-    absl_logging.set_verbosity(absl_logging.ERROR)  # dm_control's deprecation chatter
-    # the task seeded with the run's seed, the eval tasks with others; one fixed state to probe the policy (Fig. 4)
-    env = DMCEnv(args.env_id, args.seed, args.action_repeat)
-    eval_envs = [DMCEnv(args.env_id, args.seed + 10_000 + i, args.action_repeat) for i in range(args.eval_episodes)]
-    probe_obs = torch.as_tensor(DMCEnv(args.env_id, args.seed + 20_000).reset(), device=device)
-    agent = build_agent(env.obs_dim, env.action_dim, args, device)
-    rb = make_replay_buffer(args, env.obs_dim, env.action_dim, device)
-    run_dir, lock = claim_run_dir(run_dir, args)
-    run_name, checkpoint = os.path.basename(os.path.abspath(run_dir)), f"{run_dir}/checkpoint.pt"
-    wandb_run = start_wandb(args, run_name, saved and saved["wandb_id"]) if args.track else None
-    writer = SummaryWriter(run_dir, purge_step=saved and saved["global_step"])  # a resume drops logs past its step
-    if not saved:
-        rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
+    def __init__(self, args: Args, agent: Agent, rb: ReplayBuffer, env: DMCEnv, saved, run_dir: str | None):
+        self.args = args
+        self.agent = agent
+        self.rb = rb
+        self.env = env
+        device = rb.rows.device
+        # the eval tasks seeded with seed + 10000 + i, one fixed state to probe the policy with (paper, Fig. 4)
+        self.eval_envs = [
+            DMCEnv(args.env_id, args.seed + 10_000 + i, args.action_repeat) for i in range(args.eval_episodes)
+        ]
+        self.probe_obs = torch.as_tensor(DMCEnv(args.env_id, args.seed + 20_000).reset(), device=device)
+        self.dir, self.lock = claim_run_dir(run_dir, args)
+        self.checkpoint = f"{self.dir}/checkpoint.pt"
+        run_name = os.path.basename(os.path.abspath(self.dir))
+        self.wandb = start_wandb(args, run_name, saved and saved["wandb_id"]) if args.track else None
+        self.writer = SummaryWriter(self.dir, purge_step=saved and saved["global_step"])  # a resume drops later logs
+        if not saved:
+            rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+            self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
+        self.episode = (env.reset(), 0.0, 0)  # obs, return, length
+        self.last_return = float("nan")
+        start = 0
+        self.last_checkpoint = None
+        if saved:
+            obs, episode_return, episode_length, self.last_return = restore(
+                self.checkpoint, saved, agent, args, rb, env
+            )
+            self.episode = (obs, episode_return, episode_length)
+            start = saved["global_step"]
+            self.last_checkpoint = f"{self.checkpoint} (step {start})"
+            print(f"resumed {self.dir} at step {start}", file=sys.stderr)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, request_stop)
+        self.finite = torch.ones((), dtype=torch.bool, device=device)  # all losses and Q values since the last check
+        self.metrics = {}
+        if saved and start % args.eval_interval < args.action_repeat:  # the purge dropped this step's evaluation
+            evaluate_and_log(agent, args, self.eval_envs, self.probe_obs, self.writer, start)
+        self.start_time = time.time()
+        self.start_step = None  # the step of the first update: SPS counts from there
+        self.last = False  # at the last step
+        steps = range(start, args.total_timesteps, args.action_repeat)
+        total = args.total_timesteps // args.action_repeat
+        self.steps = tqdm(
+            steps, unit="step", unit_scale=args.action_repeat, initial=start // args.action_repeat, total=total
+        )
 
-    if args.compile:  # rebinds the module's names: updates, acting and evaluation all call the compiled versions
-        critic_loss, qsm_loss, ddpm_sample = map(torch.compile, (critic_loss, qsm_loss, ddpm_sample))
+    def __enter__(self):
+        return self
 
-    def update(idx: torch.Tensor) -> dict:  # gathers its own batch: a CUDA graph replays the gather too
-        return train_step(agent, rb.gather(idx), args)
+    def __exit__(self, error_type, *_) -> None:
+        self.steps.close()  # ends the progress bar's line
+        if error_type is None and self.args.save_model and self.last:
+            path = f"{self.dir}/{self.args.exp_name}.pt"
+            save_atomic(path, agent_state(self.agent, self.args) | {"global_step": self.args.total_timesteps})
+            print(f"model saved to {path}")
+        self.writer.close()
+        if self.wandb and error_type is None:
+            self.wandb.finish()
 
-    policy = functools.partial(act, agent, args=args)
-    if args.cudagraphs:
-        update, policy = CudaGraph(update), CudaGraph(policy)
+    @property
+    def exit_status(self) -> int:
+        """0 at the last step; stopped before it, 128 + the signal, as a shell reports a signal."""
+        return 0 if self.last else 128 + signal.Signals[STOP[0]]
 
-    # TRY NOT TO MODIFY: start the game
-    obs, episode_return, episode_length, last_return = env.reset(), 0.0, 0, float("nan")
-    start, last_checkpoint = 0, None
-    if saved:
-        obs, episode_return, episode_length, last_return = restore(checkpoint, saved, agent, args, rb, env)
-        start, last_checkpoint = saved["global_step"], f"{checkpoint} (step {saved['global_step']})"
-        print(f"resumed {run_dir} at step {start}", file=sys.stderr)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, request_stop)
-    finite, metrics = torch.ones((), dtype=torch.bool, device=device), {}  # all losses and Q values since the check
-    if saved and start % args.eval_interval < args.action_repeat:  # the purge dropped this step's evaluation: redo it
-        evaluate_and_log(agent, args, eval_envs, probe_obs, writer, start)
-    start_time, start_step = time.time(), None
-    pbar = tqdm(range(start, args.total_timesteps, args.action_repeat), unit="step", unit_scale=args.action_repeat,
-                initial=start // args.action_repeat, total=args.total_timesteps // args.action_repeat)  # fmt: skip
-    for global_step in pbar:
-        # ALGO LOGIC: act (uniformly at random before learning starts), step the task, store the transition
-        if global_step < args.learning_starts:
-            action = np.random.uniform(-1.0, 1.0, env.action_dim).astype(np.float32)
-        else:
-            action = policy(torch.as_tensor(obs, device=device).unsqueeze(0))[0].cpu().numpy()
-        next_obs, reward, mask, done = env.step(action)
-        rb.add(obs, action, reward, next_obs, mask)
-        obs, episode_return, episode_length = next_obs, episode_return + reward, episode_length + args.action_repeat
-        if done:
-            writer.add_scalar("charts/episodic_return", episode_return, global_step)
-            writer.add_scalar("charts/episodic_length", episode_length, global_step)
-            obs, episode_return, episode_length, last_return = env.reset(), 0.0, 0, episode_return
+    def evaluate(self, step: int) -> None:
+        seconds = evaluate_and_log(self.agent, self.args, self.eval_envs, self.probe_obs, self.writer, step)
+        self.start_time += seconds  # evaluations do not count against the training steps/s
 
-        # ALGO LOGIC: training, Algorithm 1: a critic step, then a score step, utd_ratio times per environment step
-        if global_step >= args.learning_starts:
-            if start_step is None:
-                start_time, start_step = time.time(), global_step
-            for _ in range(args.utd_ratio):
-                metrics = update(rb.sample_indices(args.batch_size))
-                agent.actor_scheduler.step()
-                finite &= torch.stack(list(metrics.values())).isfinite().all()  # no sync
+    def log_episode(self, global_step: int, episode_return: float, episode_length: int) -> None:
+        self.writer.add_scalar("charts/episodic_return", episode_return, global_step)
+        self.writer.add_scalar("charts/episodic_length", episode_length, global_step)
+        self.last_return = episode_return
 
-            if (global_step // args.action_repeat) % 100 == 0:  # TRY NOT TO MODIFY: record losses (syncs)
-                check_finite(finite, metrics, global_step, last_checkpoint)
-                for key, value in metrics.items():
-                    writer.add_scalar(key, value.item(), global_step)
-                writer.add_scalar("charts/actor_lr", agent.actor_optimizer.param_groups[0]["lr"], global_step)
-                if global_step > start_step:
-                    sps = (global_step - start_step) / (time.time() - start_time)
-                    writer.add_scalar("charts/SPS", sps, global_step)
-                    pbar.set_postfix(sps=f"{sps:.1f}", ret=f"{last_return:.1f}", refresh=False)
+    def record(self, global_step: int, metrics: dict) -> None:
+        """After every update: its metrics kept for the next log, their finiteness gathered on the device (no sync)."""
+        if self.start_step is None:
+            self.start_time = time.time()
+            self.start_step = global_step
+        self.finite &= torch.stack(list(metrics.values())).isfinite().all()
+        self.metrics = metrics
 
-        # TRY NOT TO MODIFY: evaluate every eval_interval steps and at the end; checkpoint on schedule or on a signal
+    def log_losses(self, global_step: int) -> None:
+        """The NaN guard's check and the last update's metrics (syncs), the learning rate, the training steps/s."""
+        check_finite(self.finite, self.metrics, global_step, self.last_checkpoint)
+        for key, value in self.metrics.items():
+            self.writer.add_scalar(key, value.item(), global_step)
+        self.writer.add_scalar("charts/actor_lr", self.agent.actor_optimizer.param_groups[0]["lr"], global_step)
+        if global_step > self.start_step:
+            sps = (global_step - self.start_step) / (time.time() - self.start_time)
+            self.writer.add_scalar("charts/SPS", sps, global_step)
+            self.steps.set_postfix(sps=f"{sps:.1f}", ret=f"{self.last_return:.1f}", refresh=False)
+
+    def end_of_step(self, global_step: int, episode: tuple) -> bool:
+        """The losses every 100 steps once learning has started; an evaluation every eval_interval steps and at the
+        end; a checkpoint every checkpoint_interval steps, at the end and on a signal. True: stop here (a signal)."""
+        args = self.args
+        if self.start_step is not None and (global_step // args.action_repeat) % 100 == 0:
+            self.log_losses(global_step)
         steps_done = global_step + args.action_repeat
-        last = steps_done >= args.total_timesteps
-        if steps_done % args.eval_interval < args.action_repeat or last:
-            start_time += evaluate_and_log(agent, args, eval_envs, probe_obs, writer, steps_done)
-        if STOP or (args.checkpoint_interval and (steps_done % args.checkpoint_interval < args.action_repeat or last)):
-            check_finite(finite, metrics, global_step, last_checkpoint, agent)  # and all that the checkpoint saves
-            episode = (obs, episode_return, episode_length, last_return)
-            save_atomic(checkpoint, training_state(agent, args, rb, env, steps_done, episode, wandb_run))
-            last_checkpoint = f"{checkpoint} (step {steps_done})"
-            if STOP and not last:  # printed above the progress bar, as the evaluations
-                tqdm.write(f"{STOP[0]} at step {steps_done}: checkpoint written to {checkpoint}; continue with "
-                           f"python {sys.argv[0]} --resume {run_dir}", file=sys.stderr)  # fmt: skip
-                break
+        self.last = steps_done >= args.total_timesteps
+        if steps_done % args.eval_interval < args.action_repeat or self.last:
+            self.evaluate(steps_done)
+        interval = args.checkpoint_interval
+        if STOP or (interval and (steps_done % interval < args.action_repeat or self.last)):
+            check_finite(self.finite, self.metrics, global_step, self.last_checkpoint, self.agent)  # and all it saves
+            state = training_state(
+                self.agent, args, self.rb, self.env, steps_done, (*episode, self.last_return), self.wandb
+            )
+            save_atomic(self.checkpoint, state)
+            self.last_checkpoint = f"{self.checkpoint} (step {steps_done})"
+            if STOP and not self.last:  # printed above the progress bar, as the evaluations
+                resume = f"python {sys.argv[0]} --resume {self.dir}"
+                tqdm.write(
+                    f"{STOP[0]} at step {steps_done}: checkpoint written to {self.checkpoint}; continue with {resume}",
+                    file=sys.stderr,
+                )
+                return True
+        return False
 
-    if args.save_model and last:
-        save_atomic(f"{run_dir}/{args.exp_name}.pt", agent_state(agent, args) | {"global_step": args.total_timesteps})
-        print(f"model saved to {run_dir}/{args.exp_name}.pt")
-    writer.close()
-    if wandb_run:
-        wandb_run.finish()
-    sys.exit(0 if last else 128 + signal.Signals[STOP[0]])  # stopped before its last step: as a shell reports a signal
+
+if __name__ == "__main__":
+    try:
+        args, saved, run_dir = command_line()
+        if args.evaluate_model:
+            sys.exit(evaluate_model(args))
+        sys.exit(train(args, saved, run_dir))
+    except Failure as failure:  # bad input, a failed write, a NaN: one line, exit 2
+        print(f"error: {failure}", file=sys.stderr)
+        sys.exit(2)

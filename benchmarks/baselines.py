@@ -183,7 +183,7 @@ def make_diffusion_bp(obs_dim, action_dim, width, T, device):
 
     def update(b: qsm.Batch) -> dict:
         metrics = qsm.update_critic(agent, b, args)  # the same critic step as QSM
-        actor_loss = -agent.critic(b.obs, ddpm_with_grad(agent.denoiser, agent.schedule, b.obs)).mean()
+        actor_loss = -agent.critic(b.obs, ddpm_with_grad(agent.denoiser, agent.noise_schedule, b.obs)).mean()
         agent.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()  # through all T denoising steps
         agent.actor_optimizer.step()

@@ -1,6 +1,6 @@
 """`bash benchmark.sh random-policy`: a uniform random policy's eval return on a run's own evaluation episodes.
 
-The baseline of the pendulum check (issue 31): the script's `evaluate`, its policy (`best_of_n`) swapped for actions
+The baseline of the pendulum check (issue 31): the script's `evaluate`, its policy (`policy`) swapped for actions
 drawn uniformly from [-1, 1]^A, on the episodes a run of that seed evaluates on (task seeds seed + 10000 + i, the same
 action repeat and reward sums). Prints a markdown table: per seed the mean ± std over episodes, then over seeds.
 """
@@ -24,7 +24,7 @@ def random_returns(env_id: str, seed: int, episodes: int = 5, action_repeat: int
     def uniform(agent, obs, args):  # the policy's signature: one action per running episode
         return torch.rand(len(obs), envs[0].action_dim, generator=generator) * 2 - 1
 
-    with mock.patch.object(qsm, "best_of_n", uniform):
+    with mock.patch.object(qsm, "policy", uniform):
         return qsm.evaluate(envs, None, args, "cpu")
 
 

@@ -75,11 +75,11 @@ def test_the_back_propagated_actor_reaches_the_first_denoising_step_and_qsm_does
             outputs.append((int(t), eps))
             return eps
 
-    actions = baselines.ddpm_with_grad(Recording(), nets["schedule"], batch.obs)
+    actions = baselines.ddpm_with_grad(Recording(), nets["noise_schedule"], batch.obs)
     (-nets["critic"](batch.obs, actions).mean()).backward()
     first_t, first = outputs[0]
     assert first_t == 2 and first.grad is not None and first.grad.abs().sum() > 0
-    sampled = baselines.qsm.ddpm_sample(nets["denoiser"], nets["schedule"], batch.obs)
+    sampled = baselines.qsm.ddpm_sample(nets["denoiser"], nets["noise_schedule"], batch.obs)
     assert not sampled.requires_grad
 
 

@@ -15,7 +15,7 @@ def _train(qsm, agent, args, batches, steps=4):
     for i in range(steps):
         torch.manual_seed(100 + i)
         m = qsm.train_step(agent, batches[i], args)
-        m["action"] = qsm.ddpm_sample(agent.denoiser, agent.schedule, batches[i].obs[:3])
+        m["action"] = qsm.ddpm_sample(agent.denoiser, agent.noise_schedule, batches[i].obs[:3])
         metrics.append(m)
     return metrics
 
@@ -69,9 +69,9 @@ def test_compiled_losses_and_sampler_are_one_graph_each(qsm, score_target):
     obs, actions = torch.randn(32, 5), torch.rand(32, 2) * 2 - 1
     batch = qsm.Batch(obs, actions, torch.randn(32), torch.randn(32, 5), torch.ones(32))
     calls = {
-        "critic_loss": (agent.critic, agent.critic_target, agent.denoiser, agent.schedule, batch, args),
-        "qsm_loss": (agent.denoiser, agent.critic, agent.schedule, batch, args),
-        "ddpm_sample": (agent.denoiser, agent.schedule, obs, 1.0, "x0_hat"),
+        "critic_loss": (agent.critic, agent.critic_target, agent.denoiser, agent.noise_schedule, batch, args),
+        "qsm_loss": (agent.denoiser, agent.critic, agent.noise_schedule, batch, args),
+        "ddpm_sample": (agent.denoiser, agent.noise_schedule, obs, 1.0, "x0_hat"),
     }
     for name, call in calls.items():
         explanation = torch._dynamo.explain(getattr(qsm, name))(*call)

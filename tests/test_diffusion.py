@@ -35,7 +35,7 @@ def test_cosine_and_linear_schedules(qsm):
 
 def test_schedule_tensor_matches_the_float64_values(qsm):
     schedule = qsm.DiffusionSchedule("vp", 5)
-    np.testing.assert_allclose(schedule.alpha_bars_t.numpy(), schedule.alpha_bars, rtol=1e-6)
+    np.testing.assert_allclose(schedule.alpha_bars_tensor.numpy(), schedule.alpha_bars, rtol=1e-6)
     np.testing.assert_allclose(schedule.alphas, 1 - np.array(schedule.betas))
     np.testing.assert_allclose(schedule.alpha_bars, np.cumprod(schedule.alphas))
 
@@ -125,20 +125,20 @@ def test_an_edit_of_forward_in_the_file_reaches_the_sampler_td_target_and_acting
     obs = torch.randn(B, S)
     batch = edited.Batch(obs, torch.rand(B, A) * 2 - 1, torch.zeros(B), obs, torch.ones(B))
     calls = {
-        "ddpm_sample": lambda: edited.ddpm_sample(agent.denoiser, agent.schedule, obs, 0.0),
-        "td_target": lambda: edited.td_target(agent.critic_target, agent.denoiser, agent.schedule, batch, args)[1],
+        "ddpm_sample": lambda: edited.ddpm_sample(agent.denoiser, agent.noise_schedule, obs, 0.0),
+        "td_target": lambda: edited.td_target(agent.critic_target, agent.denoiser, agent.noise_schedule, batch, args)[1],
         "act": lambda: edited.act(agent, obs, args),
     }
     for name, call in calls.items():
         torch.manual_seed(1)
         x_T = torch.randn(B, A)  # the first draw of each call
         torch.manual_seed(1)
-        chain = hand_written_chain(agent.denoiser, agent.schedule, obs, x_T)
+        chain = hand_written_chain(agent.denoiser, agent.noise_schedule, obs, x_T)
         torch.testing.assert_close(call(), chain, rtol=1e-5, atol=1e-5, msg=name)
     assert (chain == -1).all() if edit == "offset" else (chain.abs() < 1).any()
     original = qsm.Denoiser(S, A, (32, 32))
     original.load_state_dict(agent.denoiser.state_dict())
-    assert not torch.allclose(qsm.ddpm_sample(original, agent.schedule, obs, 0.0, x_T=x_T), chain)
+    assert not torch.allclose(qsm.ddpm_sample(original, agent.noise_schedule, obs, 0.0, x_T=x_T), chain)
 
 
 @pytest.fixture()

@@ -51,7 +51,7 @@ def test_qsm_target_is_autograd_of_any_critic(qsm, make, compiled, monkeypatch):
     computed by autograd on that critic's own forward: no other edit needed, eager or compiled (one graph)."""
     if compiled:
         torch._dynamo.reset()
-        monkeypatch.setattr(qsm, "qsm_target", torch.compile(qsm.qsm_target, fullgraph=True))
+        monkeypatch.setattr(qsm, "grad_a_q", torch.compile(qsm.grad_a_q, fullgraph=True))
     torch.manual_seed(0)
     S, A, B = 5, 3, 40
     if make == "elu-layernorm":
@@ -65,12 +65,12 @@ def test_qsm_target_is_autograd_of_any_critic(qsm, make, compiled, monkeypatch):
     q = critic(obs, a)
     grads = [torch.autograd.grad(q[i].sum(), a, retain_graph=True)[0] for i in range(len(q))]
     expected = -50.0 * torch.stack(grads).mean(0)
-    target = qsm.qsm_target(critic, obs, actions, M_q=50.0)
+    target = qsm.qsm_target(qsm.grad_a_q(critic, obs, actions), M_q=50.0)
     torch.testing.assert_close(target, expected, rtol=1e-12, atol=1e-12)
     assert not target.requires_grad  # no gradient may reach the critic from the score update
     if make == "twin-elu":  # the activation really changed: ReLU's gradient differs
-        monkeypatch.undo()  # ReLU again, and the eager qsm_target
-        assert not torch.allclose(qsm.qsm_target(critic, obs, actions, M_q=50.0), expected)
+        monkeypatch.undo()  # ReLU again, and the eager grad_a_q
+        assert not torch.allclose(qsm.qsm_target(qsm.grad_a_q(critic, obs, actions), M_q=50.0), expected)
 
 
 def test_twin_critic_on_a_hand_built_network(qsm):
@@ -87,14 +87,14 @@ def test_twin_critic_on_a_hand_built_network(qsm):
     q = critic(obs, actions)
     torch.testing.assert_close(q[0], 2.0 * (torch.cat([obs, actions], -1) @ v[0] + 10))
     torch.testing.assert_close(q[1], -3.0 * (torch.cat([obs, actions], -1) @ v[1] + 10))
-    target = qsm.qsm_target(critic, obs, actions, M_q=1.0)  # -mean_i w2_i v_i[a] = -(0.6 + 2.1, -0.8 - 2.4) / 2
+    target = qsm.qsm_target(qsm.grad_a_q(critic, obs, actions), M_q=1.0)  # -mean_i w2_i v_i[a] = -(0.6 + 2.1, -0.8 - 2.4) / 2
     torch.testing.assert_close(target, torch.tensor([[-1.35, 1.6]]).expand(4, 2))
 
 
 def test_qsm_target_is_minus_M_q_times_grad_Q(qsm):
     critic = QuadraticCritic(4, 2)
     obs, noisy_actions = torch.randn(8, 4), torch.randn(8, 2)
-    target = qsm.qsm_target(critic, obs, noisy_actions, M_q=50.0)
+    target = qsm.qsm_target(qsm.grad_a_q(critic, obs, noisy_actions), M_q=50.0)
     torch.testing.assert_close(target, 100.0 * (noisy_actions - critic.best_action(obs)), rtol=0, atol=1e-5)
 
 
@@ -125,7 +125,7 @@ def test_denoising_score_target_is_eps_minus_M_q_sigma_t_grad_Q(qsm):
     den, critic, schedule = qsm.Denoiser(S, A, (16,)), QuadraticCritic(S, A), qsm.DiffusionSchedule("vp", 5)
     batch = qsm.Batch(torch.randn(B, S), torch.rand(B, A) * 2 - 1, torch.zeros(B), torch.randn(B, S), torch.ones(B))
     torch.manual_seed(7)
-    loss, q_term = qsm.qsm_loss(den, critic, schedule, batch, qsm.Args(M_q=3.0, score_target="denoising"))
+    loss, q_grad = qsm.qsm_loss(den, critic, schedule, batch, qsm.Args(M_q=3.0, score_target="denoising"))
     torch.manual_seed(7)
     t = torch.randint(0, 5, (B,))
     eps = torch.randn(B, A)
@@ -133,15 +133,15 @@ def test_denoising_score_target_is_eps_minus_M_q_sigma_t_grad_Q(qsm):
     a_t = ab.sqrt() * batch.actions + (1 - ab).sqrt() * eps
     target = eps + (1 - ab).sqrt() * 6.0 * (a_t - critic.best_action(batch.obs))  # -M_q grad_a Q = 6 (a_t - a*)
     torch.testing.assert_close(loss, ((den(batch.obs, a_t, t) - target) ** 2).mean())
-    torch.testing.assert_close(q_term, 6.0 * (a_t - critic.best_action(batch.obs)))
+    torch.testing.assert_close(q_grad, -2.0 * (a_t - critic.best_action(batch.obs)))  # grad_a Q itself, before M_q
 
 
 def test_normalized_q_grad_divides_by_its_batch_mean_norm_and_ignores_the_scale_of_Q(qsm):
     critic, obs, actions = QuadraticCritic(4, 2), torch.randn(8, 4), torch.randn(8, 2)
     grad = -2.0 * (actions - critic.best_action(obs))  # mean_i grad_a Q_i
-    target = qsm.qsm_target(critic, obs, actions, M_q=3.0, normalize=True)
+    target = qsm.qsm_target(qsm.grad_a_q(critic, obs, actions), M_q=3.0, normalize=True)
     torch.testing.assert_close(target, -3.0 * grad / grad.norm(dim=-1).mean())
-    scaled = qsm.qsm_target(lambda s, a: 10.0 * critic(s, a), obs, actions, M_q=3.0, normalize=True)
+    scaled = qsm.qsm_target(qsm.grad_a_q(lambda s, a: 10.0 * critic(s, a), obs, actions), M_q=3.0, normalize=True)
     torch.testing.assert_close(scaled, target)
 
 
@@ -149,16 +149,16 @@ def test_best_of_n_acts_with_the_highest_min_Q_of_n_samples_drawn_in_one_sampler
     torch.manual_seed(0)
     S, A, N = 4, 2, 8
     den, critic, schedule = qsm.Denoiser(S, A, (32,)), QuadraticCritic(S, A), qsm.DiffusionSchedule("vp", 5)
-    agent = types.SimpleNamespace(denoiser=den, critic=critic, schedule=schedule)  # the fields best_of_n reads
+    agent = types.SimpleNamespace(denoiser=den, critic=critic, noise_schedule=schedule)  # the fields policy reads
     obs = torch.randn(3, S)
     torch.manual_seed(1)
-    got = qsm.best_of_n(agent, obs, qsm.Args(best_of_n=N))
+    got = qsm.policy(agent, obs, qsm.Args(best_of_n=N))
     torch.manual_seed(1)
     samples = qsm.ddpm_sample(den, schedule, obs.repeat_interleave(N, dim=0)).view(3, N, A)  # state j's in rows j
     distance = (samples - critic.best_action(obs)[:, None]).norm(dim=-1)  # min_i Q_i = -1.5 distance^2
     torch.testing.assert_close(got, samples[torch.arange(3), distance.argmin(dim=1)], rtol=0, atol=0)
     torch.manual_seed(1)
-    one = qsm.best_of_n(agent, obs, qsm.Args(best_of_n=1))
+    one = qsm.policy(agent, obs, qsm.Args(best_of_n=1))
     torch.manual_seed(1)
     torch.testing.assert_close(one, qsm.ddpm_sample(den, schedule, obs), rtol=0, atol=0)  # N = 1: the paper's
 
@@ -249,7 +249,7 @@ def test_any_number_of_critics_learns_and_logs_each(qsm, num_q):
     batch = qsm.Batch(torch.randn(B, S), torch.rand(B, A), torch.randn(B), torch.randn(B, S), torch.ones(B))
     seen = {}
     agent.critic_target.register_forward_hook(lambda module, inputs, out: seen.update(next_q=out))
-    loss, metrics = qsm.critic_loss(agent.critic, agent.critic_target, agent.denoiser, agent.schedule, batch, args)
+    loss, metrics = qsm.critic_loss(agent.critic, agent.critic_target, agent.denoiser, agent.noise_schedule, batch, args)
     assert seen["next_q"].shape == (num_q, B)
     y = batch.rewards + args.gamma * seen["next_q"].min(dim=0).values
     q = agent.critic(batch.obs, batch.actions)
@@ -284,7 +284,7 @@ def test_a_new_score_target_is_one_literal_value_and_one_case(qsm, tmp_path):
     loss, _ = edited.qsm_loss(den, critic, schedule, batch, args)
     torch.manual_seed(1)
     t, noise = torch.randint(0, 5, (B,)), torch.randn(B, A)  # the loss's draws, in its order
-    alpha_bar = schedule.alpha_bars_t[t].unsqueeze(-1)
+    alpha_bar = schedule.alpha_bars_tensor[t].unsqueeze(-1)
     a_t = alpha_bar.sqrt() * batch.actions + (1 - alpha_bar).sqrt() * noise
     target = (1 - alpha_bar) * 2 * 3.0 * (a_t - critic.best_action(obs))  # -M_q (1 - alpha_bar) grad_a Q
     torch.testing.assert_close(loss, (den(obs, a_t, t) - target).pow(2).mean())
@@ -303,6 +303,26 @@ def test_update_actor_steps_only_the_denoiser(qsm):
     assert all(p.grad is None for p in agent.critic.parameters())
     assert any(not torch.equal(p0, p1) for p0, p1 in zip(den_before, agent.denoiser.parameters(), strict=True))
     assert metrics["losses/actor_loss"] > 0 and metrics["losses/q_grad_norm"] > 0
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_q_grad_norm_is_the_batch_mean_norm_of_grad_Q_itself(qsm, normalize):
+    """losses/q_grad_norm is mean_j ||grad_a Q(s_j, a_t,j)||, before M_q and --normalize-q-grad (under which the
+    target's own norm is always M_q): here Q = 10 x the quadratic critic, grad_a Q = -20 (a_t - a*)."""
+    S, A, B = 3, 2, 32
+    agent, args = _agent(qsm, S, A, M_q=3.0, normalize_q_grad=normalize)
+    quadratic = QuadraticCritic(S, A)
+    agent.critic = lambda obs, actions: 10.0 * quadratic(obs, actions)
+    batch = qsm.Batch(torch.randn(B, S), torch.rand(B, A) * 2 - 1, torch.randn(B), torch.randn(B, S), torch.ones(B))
+    torch.manual_seed(5)
+    metrics = qsm.update_actor(agent, batch, args)
+    torch.manual_seed(5)
+    t, noise = torch.randint(0, 5, (B,)), torch.randn(B, A)  # the loss's draws, in its order
+    alpha_bar = agent.noise_schedule.alpha_bars_tensor[t].unsqueeze(-1)
+    a_t = alpha_bar.sqrt() * batch.actions + (1 - alpha_bar).sqrt() * noise
+    expected = (-20.0 * (a_t - quadratic.best_action(batch.obs))).norm(dim=-1).mean()
+    torch.testing.assert_close(metrics["losses/q_grad_norm"], expected)
+    assert metrics["losses/q_grad_norm"] > 10.0  # far from the 1.0 that the normalised target's norm over M_q gives
 
 
 def test_cosine_decay_matches_optax(qsm):
@@ -353,9 +373,9 @@ def test_bf16_td_target_is_float32_arithmetic_on_the_bf16_features(qsm):
                       torch.rand(64, generator=g), torch.randn(64, 5, generator=g), torch.ones(64))  # fmt: skip
     torch.manual_seed(2)
     with torch.autocast("cpu", torch.bfloat16):
-        y, _ = qsm.td_target(agent.critic_target, agent.denoiser, agent.schedule, batch, args)
+        y, _ = qsm.td_target(agent.critic_target, agent.denoiser, agent.noise_schedule, batch, args)
         torch.manual_seed(2)  # the same next actions and target noise, by hand
-        next_actions = qsm.ddpm_sample(agent.denoiser, agent.schedule, batch.next_obs)
+        next_actions = qsm.ddpm_sample(agent.denoiser, agent.noise_schedule, batch.next_obs)
     noisy = (next_actions + args.target_noise * torch.randn_like(next_actions)).clamp(-1.0, 1.0)
     weights, biases = agent.critic_target.weights, agent.critic_target.biases
     x = torch.cat([batch.next_obs, noisy], dim=-1).expand(2, -1, -1).bfloat16()

@@ -119,7 +119,7 @@ def test_networks_at_the_initial_parameters(qsm, agent, batch):
     q = agent.critic(batch.obs, actions)
     dq_da = torch.stack([torch.autograd.grad(q[i].sum(), actions, retain_graph=True)[0] for i in range(2)])
     assert scale_error(dq_da, G["at_init/dq_da"]) < 1e-5
-    target = qsm.qsm_target(agent.critic, batch.obs, batch.actions, float(G["meta/M_q"]))
+    target = qsm.qsm_target(qsm.grad_a_q(agent.critic, batch.obs, batch.actions), float(G["meta/M_q"]))
     assert scale_error(target, -G["meta/M_q"] * G["at_init/dq_da"].mean(0)) < 1e-5
 
 
@@ -128,7 +128,7 @@ def test_td_target_and_critic_loss_gradients(qsm, agent, batch, monkeypatch):
     seen = {}
     agent.critic_target.register_forward_hook(lambda m, inputs, out: seen.update(noisy=inputs[1], next_q=out))
     draws = Draws(monkeypatch, *TD_DRAWS)
-    loss, metrics = qsm.critic_loss(agent.critic, agent.critic_target, agent.denoiser, agent.schedule, batch, args)
+    loss, metrics = qsm.critic_loss(agent.critic, agent.critic_target, agent.denoiser, agent.noise_schedule, batch, args)
     draws.done()
     assert scale_error(seen["noisy"], G["td/next_actions_noisy"]) < 5e-5
     assert scale_error(seen["next_q"], G["td/next_q"]) < 1e-5
@@ -142,7 +142,7 @@ def test_td_target_and_critic_loss_gradients(qsm, agent, batch, monkeypatch):
 def test_td_target_values(qsm, agent, batch, monkeypatch):
     agent, args = agent
     draws = Draws(monkeypatch, *TD_DRAWS)
-    y, next_actions = qsm.td_target(agent.critic_target, agent.denoiser, agent.schedule, batch, args)
+    y, next_actions = qsm.td_target(agent.critic_target, agent.denoiser, agent.noise_schedule, batch, args)
     draws.done()
     assert scale_error(next_actions, G["td/next_actions"]) < 5e-5
     assert scale_error(y, G["td/y"]) < 5e-5
@@ -166,7 +166,8 @@ def test_qsm_loss_target_and_gradients(qsm, agent, batch, monkeypatch):
     seen = {}
     agent.denoiser.register_forward_hook(lambda m, inputs, out: seen.update(a_t=inputs[1], eps_pred=out))
     draws = Draws(monkeypatch, *QSM_DRAWS)
-    loss, target = qsm.qsm_loss(agent.denoiser, agent.critic, agent.schedule, batch, args)
+    loss, q_grad = qsm.qsm_loss(agent.denoiser, agent.critic, agent.noise_schedule, batch, args)
+    target = qsm.qsm_target(q_grad, args.M_q)
     draws.done()
     assert scale_error(seen["a_t"], G["qsm/a_t"]) < 1e-5
     assert scale_error(seen["eps_pred"], G["qsm/eps_pred"]) < 1e-5
@@ -182,7 +183,7 @@ def test_acting(qsm, agent, monkeypatch):
     agent, args = agent
     obs = torch.from_numpy(G["act/obs"])[None]
     draws = Draws(monkeypatch, *ACT_SAMPLE_DRAWS)
-    ddpm_action = qsm.ddpm_sample(agent.denoiser, agent.schedule, obs, args.ddpm_temperature, args.sampler_clip)
+    ddpm_action = qsm.ddpm_sample(agent.denoiser, agent.noise_schedule, obs, args.ddpm_temperature, args.sampler_clip)
     draws.done()
     assert scale_error(ddpm_action[0], G["act/ddpm_action"]) < 5e-5
     draws = Draws(monkeypatch, *ACT_SAMPLE_DRAWS, "draws/act/noise/batched")
