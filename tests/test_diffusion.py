@@ -124,9 +124,10 @@ def test_an_edit_of_forward_in_the_file_reaches_the_sampler_td_target_and_acting
     agent = edited.build_agent(S, A, args, "cpu")
     obs = torch.randn(B, S)
     batch = edited.Batch(obs, torch.rand(B, A) * 2 - 1, torch.zeros(B), obs, torch.ones(B))
+    schedule = agent.noise_schedule
     calls = {
-        "ddpm_sample": lambda: edited.ddpm_sample(agent.denoiser, agent.noise_schedule, obs, 0.0),
-        "td_target": lambda: edited.td_target(agent.critic_target, agent.denoiser, agent.noise_schedule, batch, args)[1],
+        "ddpm_sample": lambda: edited.ddpm_sample(agent.denoiser, schedule, obs, 0.0),
+        "td_target": lambda: edited.td_target(agent.critic_target, agent.denoiser, schedule, batch, args)[1],
         "act": lambda: edited.act(agent, obs, args),
     }
     for name, call in calls.items():

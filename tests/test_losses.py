@@ -87,7 +87,8 @@ def test_twin_critic_on_a_hand_built_network(qsm):
     q = critic(obs, actions)
     torch.testing.assert_close(q[0], 2.0 * (torch.cat([obs, actions], -1) @ v[0] + 10))
     torch.testing.assert_close(q[1], -3.0 * (torch.cat([obs, actions], -1) @ v[1] + 10))
-    target = qsm.qsm_target(qsm.grad_a_q(critic, obs, actions), M_q=1.0)  # -mean_i w2_i v_i[a] = -(0.6 + 2.1, -0.8 - 2.4) / 2
+    # -mean_i w2_i v_i[a] = -(0.6 + 2.1, -0.8 - 2.4) / 2
+    target = qsm.qsm_target(qsm.grad_a_q(critic, obs, actions), M_q=1.0)
     torch.testing.assert_close(target, torch.tensor([[-1.35, 1.6]]).expand(4, 2))
 
 
@@ -249,7 +250,8 @@ def test_any_number_of_critics_learns_and_logs_each(qsm, num_q):
     batch = qsm.Batch(torch.randn(B, S), torch.rand(B, A), torch.randn(B), torch.randn(B, S), torch.ones(B))
     seen = {}
     agent.critic_target.register_forward_hook(lambda module, inputs, out: seen.update(next_q=out))
-    loss, metrics = qsm.critic_loss(agent.critic, agent.critic_target, agent.denoiser, agent.noise_schedule, batch, args)
+    schedule = agent.noise_schedule
+    loss, metrics = qsm.critic_loss(agent.critic, agent.critic_target, agent.denoiser, schedule, batch, args)
     assert seen["next_q"].shape == (num_q, B)
     y = batch.rewards + args.gamma * seen["next_q"].min(dim=0).values
     q = agent.critic(batch.obs, batch.actions)

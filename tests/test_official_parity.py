@@ -128,7 +128,8 @@ def test_td_target_and_critic_loss_gradients(qsm, agent, batch, monkeypatch):
     seen = {}
     agent.critic_target.register_forward_hook(lambda m, inputs, out: seen.update(noisy=inputs[1], next_q=out))
     draws = Draws(monkeypatch, *TD_DRAWS)
-    loss, metrics = qsm.critic_loss(agent.critic, agent.critic_target, agent.denoiser, agent.noise_schedule, batch, args)
+    schedule = agent.noise_schedule
+    loss, metrics = qsm.critic_loss(agent.critic, agent.critic_target, agent.denoiser, schedule, batch, args)
     draws.done()
     assert scale_error(seen["noisy"], G["td/next_actions_noisy"]) < 5e-5
     assert scale_error(seen["next_q"], G["td/next_q"]) < 1e-5

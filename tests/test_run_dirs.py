@@ -71,7 +71,8 @@ def test_a_write_on_a_full_filesystem_ends_in_one_line(qsm, tmp_path):
         pytest.skip("cannot mount a small tmpfs here (needs root); the simulated full disk tests the same path")
     try:
         qsm.save_atomic(str(small / "checkpoint.pt"), {"step": 1})
-        with pytest.raises(qsm.Failure) as failure:  # torch.save's own error on ENOSPC is "unexpected pos ...": the line adds why
+        # torch.save's own error on ENOSPC is "unexpected pos ...": the line adds why
+        with pytest.raises(qsm.Failure) as failure:
             qsm.save_atomic(str(small / "checkpoint.pt"), {"step": 2, "buffer": torch.zeros(2**20)})
         assert str(failure.value).endswith(f" 0 MiB free there); the last good checkpoint: {small}/checkpoint.pt")
         assert [p.name for p in small.iterdir()] == ["checkpoint.pt"]
