@@ -194,6 +194,14 @@ class DMCEnv:
 
 
 # ALGO LOGIC: the networks
+def mish(x: torch.Tensor) -> torch.Tensor:
+    """mish(x) = x tanh(softplus(x)) = x n / (n + 2), n = e^x (e^x + 2): one exp where F.mish takes three (faster on
+    the CPU, eager and compiled). The denoiser's activation; autograd differentiates it."""
+    e = torch.exp(x.clamp(max=20.0))  # clamped inside the exp only: for x > 20 the ratio is 1 in float32
+    n = e * (e + 2.0)
+    return x * (n / (n + 2.0))
+
+
 class TwinCritic(nn.Module):
     """Q_i(s, a), i = 1..num_q: ReLU MLPs on concat(s, a) with stacked weights, evaluated in one batched product per
     layer. Any change here reaches the QSM target too: it differentiates this forward with autograd."""
@@ -222,7 +230,7 @@ class Denoiser(nn.Module):
     mish) -> a time embedding; an MLP (mish) on concat(a_t, s, time embedding) -> the predicted noise. As the official
     code, t is the integer step 0..T-1."""
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden_dims: tuple[int, ...], *, time_dim: int = 64):
+    def __init__(self, obs_dim: int, action_dim: int, hidden_dims: tuple[int, ...], T: int, *, time_dim: int = 64):
         super().__init__()
         self.fourier_kernel = nn.Parameter(torch.randn(time_dim // 2, 1) * 0.2)  # W ~ N(0, 0.2^2), learned
         self.cond = nn.ModuleList([nn.Linear(time_dim, 128), nn.Linear(128, 128)])  # the time MLP
@@ -233,20 +241,23 @@ class Denoiser(nn.Module):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
         self.action_dim = action_dim
+        self.T = T
 
     def forward(self, obs: torch.Tensor, noisy_actions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """(B, S), (B, A), integer steps t (B,), or (1,) for one step shared by the batch -> predicted noise (B, A).
         The one definition of the network: the QSM loss and the sampler (acting, TD target, evaluation) call it."""
-        f = 2 * math.pi * t.float().unsqueeze(-1) * self.fourier_kernel.T  # (B or 1, time_dim / 2), float32 always
+        # t takes T values: the time embedding of each once, (T, .), then row t for every sample
+        steps = torch.arange(self.T, device=t.device).float().unsqueeze(-1)
+        f = 2 * math.pi * steps * self.fourier_kernel.T  # (T, time_dim / 2), float32 always
         features = torch.cat([torch.cos(f), torch.sin(f)], dim=-1)
-        time_embedding = self.cond[1](F.mish(self.cond[0](features)))  # (B or 1, 128)
-        # mlp[0](concat(a_t, s, emb)) = W_as [a_t; s] + (W_emb emb + b): the embedding's part once per t, broadcast
+        time_embedding = self.cond[1](mish(self.cond[0](features)))  # (T, 128)
+        # mlp[0](concat(a_t, s, emb_t)) = W_as [a_t; s] + (W_emb emb_t + b): the embedding's part per step value
         sizes = [self.mlp[0].in_features - time_embedding.shape[-1], time_embedding.shape[-1]]
         W_as, W_emb = self.mlp[0].weight.split(sizes, dim=1)
-        time_share = F.linear(time_embedding, W_emb, self.mlp[0].bias)
-        x = F.mish(F.linear(torch.cat([noisy_actions, obs], dim=-1), W_as) + time_share)
+        time_share = F.linear(time_embedding, W_emb, self.mlp[0].bias)[t]  # (B or 1, H)
+        x = mish(F.linear(torch.cat([noisy_actions, obs], dim=-1), W_as) + time_share)
         for layer in self.mlp[1:]:
-            x = F.mish(layer(x))
+            x = mish(layer(x))
         return self.out(x)
 
 
@@ -441,7 +452,7 @@ def build_agent(obs_dim: int, action_dim: int, args: Args, device) -> Agent:
     """Algorithm 1's start: twin critics, targets equal to them, the denoiser, and their Adam optimisers."""
     critic = TwinCritic(obs_dim, action_dim, args.critic_hidden_dims, args.num_q).to(device)
     critic_target = copy.deepcopy(critic).requires_grad_(False)
-    denoiser = Denoiser(obs_dim, action_dim, args.actor_hidden_dims).to(device)
+    denoiser = Denoiser(obs_dim, action_dim, args.actor_hidden_dims, args.T).to(device)
     # fused: one kernel per Adam step; under CUDA graphs the steps and learning rates live on the GPU (capturable)
     lr = (lambda value: torch.tensor(value, device=device)) if args.cudagraphs else float
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr(args.critic_lr), fused=True, capturable=args.cudagraphs)

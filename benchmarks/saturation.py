@@ -32,7 +32,7 @@ VARIANTS = [("paper", False, 50.0, "x_t"), ("paper", False, 50.0, "x0_hat"), ("p
 def train_and_sample(critic, hidden, target, normalize, M_q, clip, seed=0, samples=2000):
     """400 QSM steps of a fresh denoiser against the fixed critic, then samples of the T = 5 chain: (N,) actions."""
     torch.manual_seed(seed)
-    den, schedule = qsm.Denoiser(2, 1, hidden), qsm.DiffusionSchedule("vp", 5)
+    den, schedule = qsm.Denoiser(2, 1, hidden, 5), qsm.DiffusionSchedule("vp", 5)
     opt, obs = torch.optim.Adam(den.parameters(), 3e-3), torch.zeros(256, 2)
     args = qsm.Args(M_q=M_q, score_target=target, normalize_q_grad=normalize, cuda=False)
     for _ in range(400):

@@ -81,7 +81,7 @@ def test_compiled_losses_and_sampler_are_one_graph_each(qsm, score_target):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sampler_on_cuda_matches_cpu(qsm):
     torch.manual_seed(0)
-    den, schedule = qsm.Denoiser(5, 2, (64, 64)), qsm.DiffusionSchedule("vp", 5, "cuda")
+    den, schedule = qsm.Denoiser(5, 2, (64, 64), 5), qsm.DiffusionSchedule("vp", 5, "cuda")
     obs, x_T = torch.randn(16, 5), torch.randn(16, 2)
     cpu = qsm.ddpm_sample(den, qsm.DiffusionSchedule("vp", 5), obs, temperature=0.0, x_T=x_T)
     gpu = qsm.ddpm_sample(den.cuda(), schedule, obs.cuda(), temperature=0.0, x_T=x_T.cuda())

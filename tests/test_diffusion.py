@@ -50,7 +50,7 @@ def test_denoiser_is_the_official_mlp_on_concat_and_t_may_be_shared(qsm):
     for one step shared by the batch, t of shape (1,), as the sampler passes it."""
     torch.manual_seed(0)
     S, A, B = 7, 3, 11
-    den = qsm.Denoiser(S, A, (32, 16))
+    den = qsm.Denoiser(S, A, (32, 16), 5)
     obs, actions, t = torch.randn(B, S), torch.randn(B, A), torch.randint(0, 5, (B,))
     f = 2 * math.pi * t.float()[:, None] * den.fourier_kernel[:, 0]  # [cos 2 pi t W, sin 2 pi t W], W (32, 1)
     cond = den.cond[1](F.mish(den.cond[0](torch.cat([torch.cos(f), torch.sin(f)], dim=-1))))
@@ -84,8 +84,8 @@ def test_sampler_and_loss_use_the_denoisers_own_forward(qsm):
     """A subclass that changes only forward changes the sampler's output exactly as the hand-written chain with that
     forward does, and the QSM loss with it: nothing reaches the network around forward."""
     torch.manual_seed(0)
-    plain = qsm.Denoiser(5, 3, (32, 32))
-    changed = type("Changed", (DoubledDenoiser, qsm.Denoiser), {})(5, 3, (32, 32))
+    plain = qsm.Denoiser(5, 3, (32, 32), 5)
+    changed = type("Changed", (DoubledDenoiser, qsm.Denoiser), {})(5, 3, (32, 32), 5)
     changed.load_state_dict(plain.state_dict())
     schedule = qsm.DiffusionSchedule("vp", 5)
     obs, x_T = torch.randn(16, 5), torch.randn(16, 3)
@@ -106,8 +106,8 @@ def test_sampler_and_loss_use_the_denoisers_own_forward(qsm):
 FORWARD_EDITS = {
     "offset": ("        return self.out(x)\n", "        return self.out(x) + 1e6\n"),
     "residual": (
-        "            x = F.mish(layer(x))\n",
-        "            x = F.mish(layer(x)) + (x if x.shape[-1] == layer.out_features else 0)\n",
+        "            x = mish(layer(x))\n",
+        "            x = mish(layer(x)) + (x if x.shape[-1] == layer.out_features else 0)\n",
     ),
 }
 
@@ -137,7 +137,7 @@ def test_an_edit_of_forward_in_the_file_reaches_the_sampler_td_target_and_acting
         chain = hand_written_chain(agent.denoiser, agent.noise_schedule, obs, x_T)
         torch.testing.assert_close(call(), chain, rtol=1e-5, atol=1e-5, msg=name)
     assert (chain == -1).all() if edit == "offset" else (chain.abs() < 1).any()
-    original = qsm.Denoiser(S, A, (32, 32))
+    original = qsm.Denoiser(S, A, (32, 32), 5)
     original.load_state_dict(agent.denoiser.state_dict())
     assert not torch.allclose(qsm.ddpm_sample(original, agent.noise_schedule, obs, 0.0, x_T=x_T), chain)
 
@@ -145,7 +145,7 @@ def test_an_edit_of_forward_in_the_file_reaches_the_sampler_td_target_and_acting
 @pytest.fixture()
 def denoiser(qsm):
     torch.manual_seed(0)
-    return qsm.Denoiser(5, 3, (32, 32))
+    return qsm.Denoiser(5, 3, (32, 32), 5)
 
 
 def test_sampler_shape_range_and_seed(qsm, denoiser):

@@ -103,7 +103,7 @@ def test_qsm_loss_uses_the_forward_diffusion_of_replay_actions(qsm):
     """Replays the loss's random draws (t, then eps) and recomputes it by hand."""
     torch.manual_seed(0)
     S, A, B = 4, 2, 32
-    den, critic, schedule = qsm.Denoiser(S, A, (16,)), QuadraticCritic(S, A), qsm.DiffusionSchedule("vp", 5)
+    den, critic, schedule = qsm.Denoiser(S, A, (16,), 5), QuadraticCritic(S, A), qsm.DiffusionSchedule("vp", 5)
     batch = qsm.Batch(torch.randn(B, S), torch.rand(B, A) * 2 - 1, torch.zeros(B), torch.randn(B, S), torch.ones(B))
     torch.manual_seed(7)
     loss, _ = qsm.qsm_loss(den, critic, schedule, batch, qsm.Args(M_q=3.0))
@@ -123,7 +123,7 @@ def test_denoising_score_target_is_eps_minus_M_q_sigma_t_grad_Q(qsm):
     loss's own draws (t, then eps) replayed."""
     torch.manual_seed(0)
     S, A, B = 4, 2, 32
-    den, critic, schedule = qsm.Denoiser(S, A, (16,)), QuadraticCritic(S, A), qsm.DiffusionSchedule("vp", 5)
+    den, critic, schedule = qsm.Denoiser(S, A, (16,), 5), QuadraticCritic(S, A), qsm.DiffusionSchedule("vp", 5)
     batch = qsm.Batch(torch.randn(B, S), torch.rand(B, A) * 2 - 1, torch.zeros(B), torch.randn(B, S), torch.ones(B))
     torch.manual_seed(7)
     loss, q_grad = qsm.qsm_loss(den, critic, schedule, batch, qsm.Args(M_q=3.0, score_target="denoising"))
@@ -149,7 +149,7 @@ def test_normalized_q_grad_divides_by_its_batch_mean_norm_and_ignores_the_scale_
 def test_best_of_n_acts_with_the_highest_min_Q_of_n_samples_drawn_in_one_sampler_call(qsm):
     torch.manual_seed(0)
     S, A, N = 4, 2, 8
-    den, critic, schedule = qsm.Denoiser(S, A, (32,)), QuadraticCritic(S, A), qsm.DiffusionSchedule("vp", 5)
+    den, critic, schedule = qsm.Denoiser(S, A, (32,), 5), QuadraticCritic(S, A), qsm.DiffusionSchedule("vp", 5)
     agent = types.SimpleNamespace(denoiser=den, critic=critic, noise_schedule=schedule)  # the fields policy reads
     obs = torch.randn(3, S)
     torch.manual_seed(1)
@@ -173,7 +173,7 @@ def test_score_updates_move_sampled_actions_to_the_best_action(qsm):
     torch.manual_seed(0)
     S, A, B = 4, 2, 256
     critic = QuadraticCritic(S, A)
-    den, schedule = qsm.Denoiser(S, A, (64, 64)), qsm.DiffusionSchedule("vp", 5)
+    den, schedule = qsm.Denoiser(S, A, (64, 64), 5), qsm.DiffusionSchedule("vp", 5)
     opt = torch.optim.Adam(den.parameters(), lr=3e-3)
     obs_test = torch.randn(512, S)
 
@@ -203,7 +203,7 @@ class ConstantCritic:
 
 def test_td_target_on_a_hand_computed_batch(qsm):
     torch.manual_seed(0)
-    den, schedule = qsm.Denoiser(2, 3, (8,)), qsm.DiffusionSchedule("vp", 5)
+    den, schedule = qsm.Denoiser(2, 3, (8,), 5), qsm.DiffusionSchedule("vp", 5)
     next_obs = torch.tensor([[1.0, 2.0], [0.5, -1.0], [1.0, 1.0]])  # min(Q1, Q2) = [3, -2, 2]
     batch = qsm.Batch(
         obs=torch.zeros(3, 2),
@@ -279,7 +279,7 @@ def test_a_new_score_target_is_one_literal_value_and_one_case(qsm, tmp_path):
     args = tyro.cli(edited.Args, args=["--score-target", "time-weighted", "--M-q", "3", "--no-cuda"])
     torch.manual_seed(0)
     S, A, B = 4, 2, 64
-    den, critic, schedule = edited.Denoiser(S, A, (16,)), QuadraticCritic(S, A), edited.DiffusionSchedule("vp", 5)
+    den, critic, schedule = edited.Denoiser(S, A, (16,), 5), QuadraticCritic(S, A), edited.DiffusionSchedule("vp", 5)
     obs = torch.randn(B, S)
     batch = edited.Batch(obs, torch.rand(B, A) * 2 - 1, torch.zeros(B), obs, torch.ones(B))
     torch.manual_seed(1)
@@ -393,7 +393,7 @@ def test_time_features_are_float32_in_training_and_acting(qsm):
     """The denoiser's Fourier features of t, the input of its first conditioning layer, are the same float32 numbers
     under --bf16's autocast (training) as without it (acting): a product in bfloat16 would round 2 pi t W."""
     torch.manual_seed(0)
-    denoiser = qsm.Denoiser(5, 2, (64, 64))
+    denoiser = qsm.Denoiser(5, 2, (64, 64), 5)
     features = []
     denoiser.cond[0].register_forward_pre_hook(lambda module, inputs: features.append(inputs[0]))
     obs, actions, t = torch.randn(8, 5), torch.rand(8, 2), torch.arange(8) % 5

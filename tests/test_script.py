@@ -65,7 +65,7 @@ def test_saved_model_loads_and_acts(trained, qsm):
     # exactly one critic step and one score step per environment step after learning_starts
     assert ckpt["critic_optimizer"]["state"][0]["step"] == 1500
     assert ckpt["actor_optimizer"]["state"][0]["step"] == 1500
-    den = qsm.Denoiser(17, 6, (64, 64))
+    den = qsm.Denoiser(17, 6, (64, 64), 5)
     den.load_state_dict(ckpt["denoiser"])
     critic = qsm.TwinCritic(17, 6, (64, 64))
     critic.load_state_dict(ckpt["critic"])
