@@ -25,9 +25,11 @@ def on_the_cpu(args):
     return [*args] if "--cuda" in args else [*args, "--no-cuda"]
 
 
-def run_script(args, cwd, timeout=900, gl="disable", script=SCRIPT):
-    """The script run to its end in cwd: the CompletedProcess."""
+def run_script(args, cwd, timeout=900, gl="disable", script=SCRIPT, progress_bar=False):
+    """The script run to its end in cwd: the CompletedProcess; progress_bar: tqdm's bar on stderr, as a user sees it."""
     env = {**os.environ, **QUIET, "MUJOCO_GL": gl}
+    if progress_bar:
+        del env["TQDM_DISABLE"]
     return subprocess.run([sys.executable, str(script), *on_the_cpu(args)], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)  # fmt: skip
 

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import BASE, edited_copy, only_run_dir, read_scalars, run_script, start_script, wait_for_file
+from helpers import BASE, SCRIPT, edited_copy, only_run_dir, read_scalars, run_script, start_script, wait_for_file
 
 pytestmark = pytest.mark.slow  # runs of the script in subprocesses
 
@@ -90,6 +90,27 @@ def test_planted_nan_stops_the_run_naming_step_quantity_and_checkpoint(tmp_path)
     assert all(torch.isfinite(p).all() for p in state["critic"].values())
 
 
+@pytest.mark.parametrize("cause", ["the NaN guard", "a crash"])
+def test_an_error_during_training_starts_on_its_own_line(tmp_path, cause):
+    """With the progress bar on stderr, as a user runs it: the NaN guard's one line (M_q = 1e39 overflows from the first
+    update) or a crash's traceback (an exception raised in the loop of a copy of the file) starts a line of its own,
+    after the bar's, and comes once; before, it was written on the bar's line (`40%|...|error: ...`)."""
+    script = SCRIPT
+    flags = [*BASE, "--total-timesteps", "1000", "--checkpoint-interval", "200"]
+    if cause == "a crash":
+        anchor = "            rb.add(obs, action, reward, next_obs, mask)\n"
+        crash = f'{anchor}            if global_step == 450:\n                raise RuntimeError("boom")\n'
+        script = edited_copy(tmp_path, (anchor, crash))
+    else:
+        flags += ["--M-q", "1e39"]
+    result = run_script(flags, tmp_path, script=script, progress_bar=True)
+    first = "error: non-finite losses/actor_loss" if cause == "the NaN guard" else "Traceback (most recent call last):"
+    assert result.returncode == (2 if cause == "the NaN guard" else 1), result.stderr[-3000:]
+    assert "step/s]" in result.stderr  # the bar was drawn
+    assert result.stderr.count(first) == 1
+    assert f"\n{first}" in result.stderr, result.stderr[-1000:]  # the line starts after a newline, not after the bar
+
+
 PLANTS = {  # a NaN planted right after the update of step 499, in a copy of the file: no loss can see it before 500
     "parameter": 'agent.denoiser.out.bias.data[0] = float("nan")',
     "optimiser state": 'agent.actor_optimizer.state[agent.denoiser.out.bias]["exp_avg_sq"][0] = float("nan")',
@@ -98,9 +119,9 @@ PLANTS = {  # a NaN planted right after the update of step 499, in a copy of the
 
 @pytest.mark.parametrize("plant", sorted(PLANTS))
 def test_a_nan_in_what_a_checkpoint_saves_stops_the_run_before_it_is_saved(tmp_path, plant):
-    anchor = "                agent.actor_scheduler.step()\n"
+    anchor = "                    agent.actor_scheduler.step()\n"
     script = edited_copy(
-        tmp_path, (anchor, f"{anchor}                if global_step == 499:\n{' ' * 20}{PLANTS[plant]}\n")
+        tmp_path, (anchor, f"{anchor}                    if global_step == 499:\n{' ' * 24}{PLANTS[plant]}\n")
     )
     result = run_script([*BASE, "--total-timesteps", "1000", "--checkpoint-interval", "100"], tmp_path, script=script)
     assert result.returncode == 2
