@@ -41,8 +41,9 @@ LOG_STD_MAX, LOG_STD_MIN = 2, -5  # CleanRL's SAC
 
 def mlp(inputs: int, outputs: int, width: int) -> nn.Sequential:
     """CleanRL's networks: two hidden ReLU layers of `width`."""
-    return nn.Sequential(nn.Linear(inputs, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                         nn.Linear(width, outputs))  # fmt: skip
+    return nn.Sequential(
+        nn.Linear(inputs, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, outputs)
+    )
 
 
 def soft_update(target: nn.Module, source: nn.Module, tau: float = 0.005) -> None:
@@ -200,22 +201,28 @@ def configurations(widths=(256, 512), batches=(256, 512, 1024), steps=(5, 10, 20
     """(method, width, batch, T): SAC and TD3 at CleanRL's width (256) and the script's (512); the diffusion methods
     at the script's width and every T; every batch size."""
     for method in METHODS:
-        for width, batch, T in itertools.product(widths if method in ("sac", "td3") else (512,), batches,
-                                                 steps if method in DIFFUSION else (None,)):  # fmt: skip
+        for width, batch, T in itertools.product(
+            widths if method in ("sac", "td3") else (512,), batches, steps if method in DIFFUSION else (None,)
+        ):
             yield method, width, batch, T
 
 
 def random_batch(obs_dim, action_dim, size, device) -> qsm.Batch:
-    return qsm.Batch(torch.randn(size, obs_dim, device=device), torch.rand(size, action_dim, device=device) * 2 - 1,
-                     torch.randn(size, device=device), torch.randn(size, obs_dim, device=device),
-                     torch.ones(size, device=device))  # fmt: skip
+    return qsm.Batch(
+        torch.randn(size, obs_dim, device=device),
+        torch.rand(size, action_dim, device=device) * 2 - 1,
+        torch.randn(size, device=device),
+        torch.randn(size, obs_dim, device=device),
+        torch.ones(size, device=device),
+    )
 
 
 def peak_mib(config, env_id) -> float:
     """The growth of the peak resident memory of a fresh process over one configuration's build and 4 updates, in
     MiB: networks, optimisers and the largest update's activations (a subprocess: the peak of this one only grows)."""
-    result = subprocess.run([sys.executable, __file__, "peak", env_id, *map(str, config)], capture_output=True,
-                            text=True, check=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, __file__, "peak", env_id, *map(str, config)], capture_output=True, text=True, check=True
+    )
     return float(result.stdout)
 
 
@@ -268,11 +275,17 @@ def measure(config, env, device, calls=5, windows=3) -> dict:
         obs[0] = env.reset() if done else obs[0]
         update(batch)
 
-    rates = {"updates": speed.median_rate(lambda: update(batch), device, windows, calls),
-             "steps": speed.median_rate(step, device, windows, calls)}  # fmt: skip
+    rates = {
+        "updates": speed.median_rate(lambda: update(batch), device, windows, calls),
+        "steps": speed.median_rate(step, device, windows, calls),
+    }
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else math.nan
-    return {"updates/s": rates["updates"], "steps/s": rates["steps"], "GFLOP/update": flops.total / 2e9,
-            "peak MiB": peak}  # fmt: skip
+    return {
+        "updates/s": rates["updates"],
+        "steps/s": rates["steps"],
+        "GFLOP/update": flops.total / 2e9,
+        "peak MiB": peak,
+    }
 
 
 def compare(env_id, repeats, device, out=None):
@@ -283,10 +296,14 @@ def compare(env_id, repeats, device, out=None):
     peaks = {config: peak_mib(config, env_id) for config in configs} if device.type == "cpu" else {}
     for round_ in range(repeats):
         for config in configs:
-            results.setdefault(config, []).append(measure(config, env, device) | ({"peak MiB": peaks[config]}
-                                                                                  if peaks else {}))  # fmt: skip
-            print(f"round {round_ + 1}/{repeats}: {config}: {results[config][-1]['steps/s']:.1f} steps/s",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            results.setdefault(config, []).append(
+                measure(config, env, device) | ({"peak MiB": peaks[config]} if peaks else {})
+            )
+            print(
+                f"round {round_ + 1}/{repeats}: {config}: {results[config][-1]['steps/s']:.1f} steps/s",
+                file=sys.stderr,
+                flush=True,
+            )
     keys = ["steps/s", "updates/s", "GFLOP/update", "peak MiB"]
     print(f"\n{env_id} (obs {env.obs_dim}, actions {env.action_dim}); medians of {repeats} round(s)")
     print("| method | width | batch | T | " + " | ".join(keys) + " |\n|" + "---|" * (4 + len(keys)))
@@ -309,10 +326,16 @@ def plot(table, out):
     lines = sorted({(m, w) for m, w, _, T in table if T in (None, 5)})
     color = {method: f"C{i}" for i, method in enumerate(METHODS)}
     for method, width in lines:
-        points = sorted((b, v["steps/s"]) for (m, w, b, T), v in table.items() if (m, w) == (method, width)
-                        and T in (None, 5))  # fmt: skip
-        left.plot(*zip(*points, strict=True), marker="o", color=color[method], label=f"{method} {width}",
-                  linestyle="--" if width == 256 else "-")  # fmt: skip
+        points = sorted(
+            (b, v["steps/s"]) for (m, w, b, T), v in table.items() if (m, w) == (method, width) and T in (None, 5)
+        )
+        left.plot(
+            *zip(*points, strict=True),
+            marker="o",
+            color=color[method],
+            label=f"{method} {width}",
+            linestyle="--" if width == 256 else "-",
+        )
     for method in DIFFUSION:
         points = sorted((T, v["steps/s"]) for (m, _, b, T), v in table.items() if m == method and b == 256)
         right.plot(*zip(*points, strict=True), marker="o", color=color[method], label=method)

@@ -20,8 +20,22 @@ import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # what qsm_continuous.py imports, pinned as requirements.txt pins them, and the dependencies a torch image may lack
-PACKAGES = ["dm_control", "mujoco", "tyro", "docstring-parser", "typeguard", "dm-env", "dm-tree", "glfw", "pyopengl",
-            "websockets", "etils", "imageio", "tqdm", "tensorboard"]  # fmt: skip
+PACKAGES = [
+    "dm_control",
+    "mujoco",
+    "tyro",
+    "docstring-parser",
+    "typeguard",
+    "dm-env",
+    "dm-tree",
+    "glfw",
+    "pyopengl",
+    "websockets",
+    "etils",
+    "imageio",
+    "tqdm",
+    "tensorboard",
+]
 HAVE = ["etils", "imageio", "tqdm", "tensorboard"]  # in the lent GPU image (device tool's KINDS.md); --have to change
 DROP = (
     "dm_control/locomotion/",
@@ -68,8 +82,20 @@ def main(argv=None):
     os.makedirs(opts.out, exist_ok=True)
     platforms = [f"--platform={p}" for p in ("manylinux2014_x86_64", "manylinux_2_28_x86_64", "any")]
     with tempfile.TemporaryDirectory() as tmp:  # --no-deps: the list above is the closure, minus what torch brings
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest", tmp,
-               f"--python-version={opts.python_version}", *platforms, *wanted]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--dest",
+            tmp,
+            f"--python-version={opts.python_version}",
+            *platforms,
+            *wanted,
+        ]
         if subprocess.run(cmd).returncode:
             sys.exit("error: pip download failed: run this where a package index is reachable")
         for name in os.listdir(tmp):

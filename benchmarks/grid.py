@@ -117,8 +117,10 @@ def main(argv):
         with open(path, "w") as f:
             f.write(script)
         if not shutil.which("sbatch"):
-            fail(f"sbatch not found: wrote {path}; on the cluster, from an activated venv: sbatch {path} (its first "
-                 "lines say how to point it at the checkout there)")  # fmt: skip
+            fail(
+                f"sbatch not found: wrote {path}; on the cluster, from an activated venv: sbatch {path} (its first "
+                "lines say how to point it at the checkout there)"
+            )
         # QSM_PYTHON: the tasks run this Python (sbatch passes the environment on), whatever the node's PATH
         subprocess.run(["sbatch", path], check=True, env={"QSM_PYTHON": sys.executable, **os.environ})
         print(f"submitted {path}; when the tasks are done: bash benchmark.sh summary {opts.out}")

@@ -107,8 +107,10 @@ def conflicts(tasks):
         for run_dir in candidates(task, args, any_script=True):
             differences, _ = compare(run_dir, task, args)
             if differences:
-                return (f"{run_dir} is another experiment ({'; '.join(differences)}): a grid directory holds one "
-                        "experiment; give this one another --out, or run both as --variants of one study")  # fmt: skip
+                return (
+                    f"{run_dir} is another experiment ({'; '.join(differences)}): a grid directory holds one "
+                    "experiment; give this one another --out, or run both as --variants of one study"
+                )
     return None
 
 
@@ -170,10 +172,14 @@ def run_local(tasks, workers, cores=None):
             os.makedirs(os.path.join(task.out, "runs"), exist_ok=True)
             threads = str(len(my_cores))
             env = {**ENVIRONMENT, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TQDM_DISABLE": "1"}
-            proc = subprocess.Popen([sys.executable, LAUNCH, "run", *task_argv(task)], env=env,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    preexec_fn=lambda cores=my_cores: os.sched_setaffinity(0, cores),
-                                    start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(
+                [sys.executable, LAUNCH, "run", *task_argv(task)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=lambda cores=my_cores: os.sched_setaffinity(0, cores),
+                start_new_session=True,
+            )
             running.append((proc, task, my_cores, time.time()))
         if stop and not passed_on:  # after the last start, so that every running run gets it, once
             for proc, *_ in running:
@@ -196,8 +202,12 @@ def run_local(tasks, workers, cores=None):
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
     if stop:
-        print(f"{signal.Signals(stop[0]).name}: the grid stopped ({len(pending)} runs not started); run the same "
-              "command again to resume it", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"{signal.Signals(stop[0]).name}: the grid stopped ({len(pending)} runs not started); run the same "
+            "command again to resume it",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(128 + stop[0])
     return failed
 
@@ -234,15 +244,24 @@ def in_repo(path):
 def sbatch_script(tasks, out, cpus, time_limit=None):
     """benchmarks/array.sbatch filled in: one array task per Task, run in the repository (--chdir)."""
     log = f"{in_repo(os.path.abspath(out))}/slurm-%A_%a.log"  # Slurm's lines and the array script's
-    options = ["--job-name=qsm", f"--array=0-{len(tasks) - 1}", f"--cpus-per-task={cpus}", f"--chdir={ROOT}",
-               f"--output={log}", "--open-mode=append", "--requeue"]  # fmt: skip
+    options = [
+        "--job-name=qsm",
+        f"--array=0-{len(tasks) - 1}",
+        f"--cpus-per-task={cpus}",
+        f"--chdir={ROOT}",
+        f"--output={log}",
+        "--open-mode=append",
+        "--requeue",
+    ]
     if time_limit:  # USR1 ahead of the limit: 2 minutes, at most half of it, for the last step and the checkpoint
         options += [f"--time={time_limit}", f"--signal=B:USR1@{min(120, slurm_seconds(time_limit) // 2)}"]
     if any("--cuda" in task.flags for task in tasks):
         options.append("--gres=gpu:1")
     lines = [[in_repo(t.out), in_repo(t.script), t.env_id, str(t.seed), *t.flags] for t in tasks]
-    values = {"options": "\n".join(f"#SBATCH {option}" for option in options),
-              "tasks": "\n".join(shlex.quote(shlex.join(line)) for line in lines)}  # fmt: skip
+    values = {
+        "options": "\n".join(f"#SBATCH {option}" for option in options),
+        "tasks": "\n".join(shlex.quote(shlex.join(line)) for line in lines),
+    }
     with open(TEMPLATE) as f:
         return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m[1]], f.read())
 

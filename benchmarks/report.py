@@ -43,9 +43,11 @@ BEST_100K = {
 }
 SOURCES = "SAC: TD-MPC2's published result files (3 seeds); best published: the methods' own result files"
 # At the study's step counts (the saturation issue): SAC at 100k (TD-MPC2's files), the best published at 100k/30k.
-EARLY_REFERENCES = {"cheetah-run": {"SAC @100k": 310, "MR.Q @100k": 648},
-                    "walker-walk": {"SAC @100k": 708, "BRO @100k": 967},
-                    "cartpole-swingup": {"MR.Q/BRO @25-30k": 414}}  # fmt: skip
+EARLY_REFERENCES = {
+    "cheetah-run": {"SAC @100k": 310, "MR.Q @100k": 648},
+    "walker-walk": {"SAC @100k": 708, "BRO @100k": 967},
+    "cartpole-swingup": {"MR.Q/BRO @25-30k": 414},
+}
 
 
 def fail(message):
@@ -64,8 +66,10 @@ def summarize(out):
         step, points = events.probe(acc)
         shares, modes = [stats.near_bounds(*p) for p in points], [stats.count_modes(*p) for p in points]
         runs.setdefault(env_id, {})[seed] = (evals, [v for _, v in sps], shares, modes)
-        probes += [{"env_id": env_id, "seed": seed, "step": step, "action_dim": dim, "near_bounds": share,
-                    "modes": n} for dim, (share, n) in enumerate(zip(shares, modes, strict=True))]  # fmt: skip
+        probes += [
+            {"env_id": env_id, "seed": seed, "step": step, "action_dim": dim, "near_bounds": share, "modes": n}
+            for dim, (share, n) in enumerate(zip(shares, modes, strict=True))
+        ]
         plot_actions(out, run_dir, acc)
     if not runs:
         fail(f"no runs with evaluations under {out}/runs/")
@@ -80,41 +84,57 @@ def summarize(out):
         modes = [n for *_, ms in seeds.values() for n in ms]
         final_mean, final_std = stats.mean_std(finals)
         sac_mean, sac_std = stats.mean_std(sac) if sac else (math.nan, math.nan)
-        rows.append({
-            "env_id": env_id, "seeds": " ".join(map(str, sorted(seeds))), "steps": steps,
-            "final_mean": final_mean, "final_std": final_std,
-            "sac_mean": sac_mean, "sac_std": sac_std,
-            "best_published_100k": BEST_100K.get(env_id, "-"),
-            "near_bounds": statistics.fmean(s for *_, shares, _ in seeds.values() for s in shares or [math.nan]),
-            "modes_mean": statistics.fmean(modes) if modes else math.nan,
-            "multimodal": sum(n > 1 for n in modes) / len(modes) if modes else math.nan,
-            "sps": stats.median_sps([sps for _, sps, *_ in seeds.values()]),
-        })  # fmt: skip
+        rows.append(
+            {
+                "env_id": env_id,
+                "seeds": " ".join(map(str, sorted(seeds))),
+                "steps": steps,
+                "final_mean": final_mean,
+                "final_std": final_std,
+                "sac_mean": sac_mean,
+                "sac_std": sac_std,
+                "best_published_100k": BEST_100K.get(env_id, "-"),
+                "near_bounds": statistics.fmean(s for *_, shares, _ in seeds.values() for s in shares or [math.nan]),
+                "modes_mean": statistics.fmean(modes) if modes else math.nan,
+                "multimodal": sum(n > 1 for n in modes) / len(modes) if modes else math.nan,
+                "sps": stats.median_sps([sps for _, sps, *_ in seeds.values()]),
+            }
+        )
     write_csv(os.path.join(out, "results.csv"), rows)
     write_csv(os.path.join(out, "curves.csv"), curves)
     if probes:
         write_csv(os.path.join(out, "probes.csv"), probes)
-    lines = ["| task | seeds | steps | QSM eval return | SAC, same step | best published @100k | probe: near ±1 | "
-             "probe: modes per action | components with 2+ modes | train steps/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| task | seeds | steps | QSM eval return | SAC, same step | best published @100k | probe: near ±1 | "
+        "probe: modes per action | components with 2+ modes | train steps/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         sac = f"{r['sac_mean']:.0f} ± {r['sac_std']:.0f}" if not math.isnan(r["sac_mean"]) else "-"
-        lines.append(f"| {r['env_id']} | {r['seeds']} | {r['steps']} | {r['final_mean']:.1f} ± {r['final_std']:.1f} | "
-                     f"{sac} | {r['best_published_100k']} | {r['near_bounds']:.0%} | {r['modes_mean']:.2f} | "
-                     f"{r['multimodal']:.0%} | {r['sps']:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {r['env_id']} | {r['seeds']} | {r['steps']} | {r['final_mean']:.1f} ± {r['final_std']:.1f} | "
+            f"{sac} | {r['best_published_100k']} | {r['near_bounds']:.0%} | {r['modes_mean']:.2f} | "
+            f"{r['multimodal']:.0%} | {r['sps']:.1f} |"
+        )
     lines += ["", aggregate_line(runs, rows), "", "Learning curves, mean ± std over seeds:", ""]
     steps = sorted({c["step"] for c in curves})
-    lines += ["| task | " + " | ".join(f"{s // 1000}k" if s % 1000 == 0 else str(s) for s in steps) + " |",
-              "|---|" + "---|" * len(steps)]  # fmt: skip
+    lines += [
+        "| task | " + " | ".join(f"{s // 1000}k" if s % 1000 == 0 else str(s) for s in steps) + " |",
+        "|---|" + "---|" * len(steps),
+    ]
     for env_id in sorted(runs):
         at = {c["step"]: f"{c['mean']:.0f} ± {c['std']:.0f}" for c in curves if c["env_id"] == env_id}
         lines.append(f"| {env_id} | " + " | ".join(at.get(s, "") for s in steps) + " |")
-    lines += ["", "Eval return: mean ± std (population) over seeds at the last step that every seed of the task "
-              "reached (5 episodes per evaluation by default). Probe: 1,000 actions sampled at the task's fixed "
-              f"initial state at each run's last evaluation; near ±1: within {NEAR_BOUND} of a bound; modes: local "
-              f"maxima of a Gaussian kernel density estimate (bandwidth {MODE_BANDWIDTH}) with a prominence of at "
-              f"least {MODE_PROMINENCE:.0%} of the highest, per action component, averaged over components and seeds.",
-              f"References: {SOURCES}.", ""]  # fmt: skip
+    lines += [
+        "",
+        "Eval return: mean ± std (population) over seeds at the last step that every seed of the task "
+        "reached (5 episodes per evaluation by default). Probe: 1,000 actions sampled at the task's fixed "
+        f"initial state at each run's last evaluation; near ±1: within {NEAR_BOUND} of a bound; modes: local "
+        f"maxima of a Gaussian kernel density estimate (bandwidth {MODE_BANDWIDTH}) with a prominence of at "
+        f"least {MODE_PROMINENCE:.0%} of the highest, per action component, averaged over components and seeds.",
+        f"References: {SOURCES}.",
+        "",
+    ]
     lines += rerun_lines(out, runs)
     write_markdown(os.path.join(out, "results.md"), lines)
     plot(out, runs)
@@ -156,14 +176,21 @@ def rerun_lines(out, runs):
             [stats.curve_gap(a, b) for a, b in itertools.combinations(seeds, 2)],
         )
         last = max(set(evals) & set(original))
-        lines.append(f"| {env_id} | {seed} | {last} | {evals[last]:.0f} | {original[last]:.0f} | {gap:.0f} | "
-                     f"{min(pairs):.0f}-{max(pairs):.0f} | {'yes' if gap <= max(pairs) else 'no'} |")  # fmt: skip
+        lines.append(
+            f"| {env_id} | {seed} | {last} | {evals[last]:.0f} | {original[last]:.0f} | {gap:.0f} | "
+            f"{min(pairs):.0f}-{max(pairs):.0f} | {'yes' if gap <= max(pairs) else 'no'} |"
+        )
     if not lines:
         return []
-    return ["Reruns (rerun/runs/) against their originals: mean absolute gap between the eval curves, and between "
-            "every two seeds of the task:", "",
-            "| task | seed | last step | rerun | original | gap to the original | gaps between seeds | within |",
-            "|---|---|---|---|---|---|---|---|", *lines, ""]  # fmt: skip
+    return [
+        "Reruns (rerun/runs/) against their originals: mean absolute gap between the eval curves, and between "
+        "every two seeds of the task:",
+        "",
+        "| task | seed | last step | rerun | original | gap to the original | gaps between seeds | within |",
+        "|---|---|---|---|---|---|---|---|",
+        *lines,
+        "",
+    ]
 
 
 def summarize_study(out):
@@ -183,31 +210,52 @@ def summarize_study(out):
                 continue
             saturation, points = events.scalar(acc, "charts/action_saturation"), events.probe(acc)[1]
             shares, modes = [stats.near_bounds(*p) for p in points], [stats.count_modes(*p) for p in points]
-            by_env.setdefault(env_id, []).append((seed, evals, [v for _, v in sps],
-                                                  saturation[-1][1] if saturation else math.nan,
-                                                  statistics.fmean(shares) if shares else math.nan, modes))  # fmt: skip
+            by_env.setdefault(env_id, []).append(
+                (
+                    seed,
+                    evals,
+                    [v for _, v in sps],
+                    saturation[-1][1] if saturation else math.nan,
+                    statistics.fmean(shares) if shares else math.nan,
+                    modes,
+                )
+            )
             plot_actions(variant_dir, run_dir, acc)
         for env_id, seeds in sorted(by_env.items()):
             steps, finals = stats.last_common_step([evals for _, evals, *_ in seeds])
             final_mean, final_std = stats.mean_std(finals)
             modes = [n for s in seeds for n in s[5]]
-            rows.append({"variant": variant, "env_id": env_id, "seeds": " ".join(str(s[0]) for s in sorted(seeds)),
-                         "steps": steps, "final_mean": final_mean, "final_std": final_std,
-                         "saturation": statistics.fmean(s[3] for s in seeds),
-                         "probe_saturation": statistics.fmean(s[4] for s in seeds),
-                         "probe_modes": statistics.fmean(modes) if modes else math.nan,
-                         "sps": stats.median_sps([s[2] for s in seeds]), "flags": flags or "?"})  # fmt: skip
+            rows.append(
+                {
+                    "variant": variant,
+                    "env_id": env_id,
+                    "seeds": " ".join(str(s[0]) for s in sorted(seeds)),
+                    "steps": steps,
+                    "final_mean": final_mean,
+                    "final_std": final_std,
+                    "saturation": statistics.fmean(s[3] for s in seeds),
+                    "probe_saturation": statistics.fmean(s[4] for s in seeds),
+                    "probe_modes": statistics.fmean(modes) if modes else math.nan,
+                    "sps": stats.median_sps([s[2] for s in seeds]),
+                    "flags": flags or "?",
+                }
+            )
             curves.setdefault(env_id, {})[variant] = [sorted(evals.items()) for _, evals, *_ in seeds]
     if not rows:
         fail(f"no runs with evaluations under {out}/*/runs/")
     write_csv(os.path.join(out, "study.csv"), rows)
-    lines = ["| task | variant | seeds | steps | eval return | saturation (training) | probe state: near +-1 | "
-             "probe: modes per action | train steps/s |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| task | variant | seeds | steps | eval return | saturation (training) | probe state: near +-1 | "
+        "probe: modes per action | train steps/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(rows, key=lambda r: (r["env_id"], r["variant"])):
         returns = f"{r['final_mean']:.1f} ± {r['final_std']:.1f}"
-        lines.append(f"| {r['env_id']} | {r['variant']} | {r['seeds']} | {r['steps']} | {returns} | "
-                     f"{r['saturation']:.0%} | {r['probe_saturation']:.0%} | {r['probe_modes']:.2f} | "
-                     f"{r['sps']:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {r['env_id']} | {r['variant']} | {r['seeds']} | {r['steps']} | {returns} | "
+            f"{r['saturation']:.0%} | {r['probe_saturation']:.0%} | {r['probe_modes']:.2f} | "
+            f"{r['sps']:.1f} |"
+        )
     lines += [
         "",
         "Eval return: mean ± std over seeds at the last step all seeds reached (5 episodes each).",
@@ -220,9 +268,12 @@ def summarize_study(out):
     for env_id, variants in sorted(curves.items()):  # the variants at equal steps: those every seed reached
         common = {v: sorted(set.intersection(*(set(dict(run)) for run in runs))) for v, runs in variants.items()}
         steps = sorted(set().union(*common.values()))
-        lines += [f"{env_id}, eval return at equal steps, mean ± std over seeds:", "",
-                  "| variant | " + " | ".join(f"{s // 1000}k" if s % 1000 == 0 else str(s) for s in steps) + " |",
-                  "|---|" + "---|" * len(steps)]  # fmt: skip
+        lines += [
+            f"{env_id}, eval return at equal steps, mean ± std over seeds:",
+            "",
+            "| variant | " + " | ".join(f"{s // 1000}k" if s % 1000 == 0 else str(s) for s in steps) + " |",
+            "|---|" + "---|" * len(steps),
+        ]
         for variant, runs in sorted(variants.items()):
             at = {s: "{:.0f} ± {:.0f}".format(*stats.mean_std([dict(run)[s] for run in runs])) for s in common[variant]}
             lines.append(f"| {variant} | " + " | ".join(at.get(s, "") for s in steps) + " |")

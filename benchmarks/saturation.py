@@ -24,9 +24,16 @@ import qsm_continuous as qsm
 
 CRITICS = {"linear": lambda a: a.sum(-1), "bimodal": lambda a: -4.0 * (a.pow(2) - 0.36).pow(2).sum(-1)}
 # (score target, --normalize-q-grad, M_q, sampler clip): the paper's first
-VARIANTS = [("paper", False, 50.0, "x_t"), ("paper", False, 50.0, "x0_hat"), ("paper", False, 50.0, "final"),
-            ("paper", True, 1.0, "x_t"), ("denoising", False, 50.0, "x_t"), ("denoising", True, 1.0, "x_t"),
-            ("denoising", True, 1.0, "x0_hat"), ("denoising", True, 3.0, "x0_hat")]  # fmt: skip
+VARIANTS = [
+    ("paper", False, 50.0, "x_t"),
+    ("paper", False, 50.0, "x0_hat"),
+    ("paper", False, 50.0, "final"),
+    ("paper", True, 1.0, "x_t"),
+    ("denoising", False, 50.0, "x_t"),
+    ("denoising", True, 1.0, "x_t"),
+    ("denoising", True, 1.0, "x0_hat"),
+    ("denoising", True, 3.0, "x0_hat"),
+]
 
 
 def train_and_sample(critic, hidden, target, normalize, M_q, clip, seed=0, samples=2000):
@@ -59,8 +66,10 @@ def capacity() -> None:
                 a = train_and_sample(twin(CRITICS["bimodal"]), hidden, target, normalize, M_q, clip, seed).numpy()
                 shares.append(float((abs(a) >= 1).mean()))
                 modes.append(stats.count_modes(a, np.ones_like(a)))
-            print(f"| {target} | {' x '.join(map(str, hidden))} | {np.mean(shares):.0%} ({min(shares):.0%}-"
-                  f"{max(shares):.0%}) | {np.mean(modes):.1f} ({min(modes)}-{max(modes)}) |")  # fmt: skip
+            print(
+                f"| {target} | {' x '.join(map(str, hidden))} | {np.mean(shares):.0%} ({min(shares):.0%}-"
+                f"{max(shares):.0%}) | {np.mean(modes):.1f} ({min(modes)}-{max(modes)}) |"
+            )
 
 
 def main() -> None:
@@ -73,8 +82,10 @@ def main() -> None:
         for target, normalize, M_q, clip in VARIANTS:
             a = train_and_sample(twin(q), (64, 64), target, normalize, M_q, clip)
             hist = " ".join(f"{n:4d}" for n in torch.histc(a, 10, -1, 1).int().tolist())
-            print(f"| {name} | {target} | {normalize} | {M_q:g} | {clip} | {(a.abs() >= 1).float().mean():.0%} | "
-                  f"`{hist}` |")  # fmt: skip
+            print(
+                f"| {name} | {target} | {normalize} | {M_q:g} | {clip} | {(a.abs() >= 1).float().mean():.0%} | "
+                f"`{hist}` |"
+            )
 
 
 if __name__ == "__main__":

@@ -84,8 +84,10 @@ def parse(argv=None) -> argparse.Namespace:
             with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
                 args = mode_args(mode, "cheetah-run", opts.cuda)
         except SystemExit:
-            sys.exit(f"error: --modes {mode!r} is unknown; use eager or the script's flags joined by +, a value after "
-                     "=, e.g. compile+best-of-n=16")  # fmt: skip
+            sys.exit(
+                f"error: --modes {mode!r} is unknown; use eager or the script's flags joined by +, a value after "
+                "=, e.g. compile+best-of-n=16"
+            )
         if args.cudagraphs and not opts.cuda:
             sys.exit(f"error: --modes {mode!r} needs --cuda")
     if problem := events.unknown_env_id(opts.env_ids):
@@ -211,8 +213,12 @@ def main(argv=None) -> None:
                     finally:
                         shutil.rmtree(cache, ignore_errors=True)
                     runs.setdefault((script, env_id, mode), []).append((train_sps, updates, acts, first_update, rss))
-                    print(f"round {round_ + 1}/{opts.repeats}: {labels[script]} {env_id} {mode}: {train_sps:.1f} "
-                          "train steps/s", file=sys.stderr, flush=True)  # fmt: skip
+                    print(
+                        f"round {round_ + 1}/{opts.repeats}: {labels[script]} {env_id} {mode}: {train_sps:.1f} "
+                        "train steps/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     print_table(runs, opts, labels)
 
 

@@ -57,9 +57,12 @@ def iqm_ci(scores):
     np.random.seed(0)  # rliable 1.2's StratifiedBootstrap draws its resamples from np.random, not from random_state
     with warnings.catch_warnings():  # rliable hands arch the RandomState that arch now calls deprecated
         warnings.simplefilter("ignore", FutureWarning)
-        point, interval = library.get_interval_estimates({"x": np.asarray(scores, dtype=float)},
-                                                         lambda x: np.array([metrics.aggregate_iqm(x)]), reps=50_000,
-                                                         random_state=np.random.RandomState(0))  # fmt: skip
+        point, interval = library.get_interval_estimates(
+            {"x": np.asarray(scores, dtype=float)},
+            lambda x: np.array([metrics.aggregate_iqm(x)]),
+            reps=50_000,
+            random_state=np.random.RandomState(0),
+        )
     np.random.set_state(state)
     return point["x"][0], interval["x"][0, 0], interval["x"][1, 0]
 

@@ -30,14 +30,26 @@ def run_script(args, cwd, timeout=900, gl="disable", script=SCRIPT, progress_bar
     env = {**os.environ, **QUIET, "MUJOCO_GL": gl}
     if progress_bar:
         del env["TQDM_DISABLE"]
-    return subprocess.run([sys.executable, str(script), *on_the_cpu(args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(script), *on_the_cpu(args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def start_script(args, cwd):
     """The script started in cwd: the Popen, to signal or kill."""
-    return subprocess.Popen([sys.executable, str(SCRIPT), *on_the_cpu(args)], cwd=cwd, env={**os.environ, **QUIET},
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), *on_the_cpu(args)],
+        cwd=cwd,
+        env={**os.environ, **QUIET},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def bench_command(*args):
@@ -55,8 +67,9 @@ def bench(*args, timeout=600):
 def start_bench(*args):
     """bash benchmark.sh ARGS started in a session of its own, a process group to signal as a terminal does."""
     command, env = bench_command(*args)
-    return subprocess.Popen(command, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        command, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True
+    )
 
 
 def wait_until(condition, timeout, what, proc=None, poll=0.05):

@@ -104,7 +104,10 @@ def test_the_cost_harness_measures_a_configuration_and_the_peak_grows_with_T_onl
     env = baselines.qsm.DMCEnv("cartpole-balance", seed=0)
     result = baselines.measure(("td3", 16, 32, None), env, torch.device("cpu"), calls=2, windows=1)
     assert result["updates/s"] > 0 and result["steps/s"] > 0 and result["GFLOP/update"] > 0
-    peak = {(m, T): baselines.peak_mib((m, 256, 512, T), "cartpole-balance") for m in ("qsm", "diffusion-bp")
-            for T in (5, 20)}  # fmt: skip
+    peak = {
+        (m, T): baselines.peak_mib((m, 256, 512, T), "cartpole-balance")
+        for m in ("qsm", "diffusion-bp")
+        for T in (5, 20)
+    }
     assert peak["diffusion-bp", 20] > peak["diffusion-bp", 5] + 25  # 15 more steps of activations: ~40 MiB
     assert abs(peak["qsm", 20] - peak["qsm", 5]) < 10

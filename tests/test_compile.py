@@ -36,10 +36,15 @@ def test_compiled_updates_match_eager(qsm, monkeypatch, fallback_random):
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(1)
     batches = [
-        qsm.Batch(torch.randn(32, 5, generator=g), torch.rand(32, 2, generator=g) * 2 - 1, torch.randn(32, generator=g),
-                  torch.randn(32, 5, generator=g), (torch.rand(32, generator=g) > 0.1).float())
+        qsm.Batch(
+            torch.randn(32, 5, generator=g),
+            torch.rand(32, 2, generator=g) * 2 - 1,
+            torch.randn(32, generator=g),
+            torch.randn(32, 5, generator=g),
+            (torch.rand(32, generator=g) > 0.1).float(),
+        )
         for _ in range(4)
-    ]  # fmt: skip
+    ]
     eager, args = _agent(qsm)
     initial = [p.detach().clone() for module in _modules(eager) for p in module.parameters()]
     eager_metrics = _train(qsm, eager, args, batches)

@@ -118,8 +118,14 @@ def test_an_edit_of_forward_in_the_file_reaches_the_sampler_td_target_and_acting
     the TD target's next actions and acting are that sampler's actions; the unedited file's sampler differs."""
     edited = import_path(edited_copy(tmp_path, FORWARD_EDITS[edit]))
     S, A, B = 5, 3, 16
-    args = edited.Args(critic_hidden_dims=(16,), actor_hidden_dims=(32, 32), ddpm_temperature=0.0,
-                       exploration_noise=0.0, target_noise=0.0, cuda=False)  # fmt: skip
+    args = edited.Args(
+        critic_hidden_dims=(16,),
+        actor_hidden_dims=(32, 32),
+        ddpm_temperature=0.0,
+        exploration_noise=0.0,
+        target_noise=0.0,
+        cuda=False,
+    )
     torch.manual_seed(0)
     agent = edited.build_agent(S, A, args, "cpu")
     obs = torch.randn(B, S)
@@ -227,7 +233,9 @@ def test_sampler_clipping_x0_hat_steps_to_the_posterior_mean_at_the_clipped_clea
 def test_sampler_clipping_x0_hat_is_the_papers_step_while_x0_hat_stays_in_the_box(qsm):
     """Unclipped, the posterior mean at x0_hat equals (x_t - (1 - alpha_t) / sqrt(1 - abar_t) eps) / sqrt(alpha_t)."""
     schedule, x_T = qsm.DiffusionSchedule("vp", 5), 0.01 * torch.randn(64, 1)
-    chains = [qsm.ddpm_sample(ConstantNoise(0.01), schedule, torch.zeros(64, 1), 0.0, clip, x_T) for clip in
-              ("x0_hat", "final")]  # fmt: skip
+    chains = [
+        qsm.ddpm_sample(ConstantNoise(0.01), schedule, torch.zeros(64, 1), 0.0, clip, x_T)
+        for clip in ("x0_hat", "final")
+    ]
     assert chains[0].abs().max() < 0.9
     torch.testing.assert_close(*chains)

@@ -42,8 +42,20 @@ def test_slurm_dry_run_prints_a_valid_array_script(tmp_path):
     # a time limit, with USR1 two minutes ahead (at most half the limit); a GPU request for --cuda runs; an OUT
     # outside the repository by its absolute path
     for time_limit, lead in (("4:00:00", 120), ("3", 90), ("1-0", 120)):
-        result = bench("--slurm", "--dry-run", "--env-ids", "cheetah-run", "--seeds", "1", "--time", time_limit,
-                       "--out", str(tmp_path), "--", "--cuda")  # fmt: skip
+        result = bench(
+            "--slurm",
+            "--dry-run",
+            "--env-ids",
+            "cheetah-run",
+            "--seeds",
+            "1",
+            "--time",
+            time_limit,
+            "--out",
+            str(tmp_path),
+            "--",
+            "--cuda",
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"#SBATCH --time={time_limit}\n#SBATCH --signal=B:USR1@{lead}\n" in result.stdout
         assert (
@@ -70,8 +82,19 @@ def fake_checkpointed_run(out, flags, seed=1, copy=ROOT / "qsm_continuous.py", n
 @pytest.mark.slow  # a subprocess
 def test_dry_run_resumes_only_the_same_experiment(tmp_path):
     fake_checkpointed_run(tmp_path, ["--total-timesteps", "400"], seed=2)  # --total-timesteps may change
-    result = bench("--dry-run", "--env-ids", "cartpole-balance", "--seeds", "1", "2", "--out", str(tmp_path), "--",
-                   "--total-timesteps", "900")  # fmt: skip
+    result = bench(
+        "--dry-run",
+        "--env-ids",
+        "cartpole-balance",
+        "--seeds",
+        "1",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--",
+        "--total-timesteps",
+        "900",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = result.stdout.splitlines()
     assert "--seed 1" in first and "--resume" not in first
@@ -100,8 +123,21 @@ def test_a_grid_refuses_a_directory_holding_another_experiment(tmp_path, flags, 
 
 @pytest.mark.slow  # a subprocess
 def test_variants_each_get_their_own_grid_directory(tmp_path):
-    result = bench("--dry-run", "--env-ids", "cartpole-balance", "--seeds", "1", "--out", str(tmp_path),
-                   "--variants", "paper", "small=--M-q 10", "--", "--total-timesteps", "900")  # fmt: skip
+    result = bench(
+        "--dry-run",
+        "--env-ids",
+        "cartpole-balance",
+        "--seeds",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--variants",
+        "paper",
+        "small=--M-q 10",
+        "--",
+        "--total-timesteps",
+        "900",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines() == [
         f"(cd {tmp_path}/paper && python qsm_continuous.py --env-id cartpole-balance --seed 1 --total-timesteps 900)",
@@ -141,8 +177,9 @@ def test_bad_grid_input_exits_1_in_one_line():
 def test_local_grid_runs_seeds_in_parallel_and_summarises(tmp_path):
     flags = ["--total-timesteps", "600", "--learning-starts", "500", "--eval-interval", "300", "--eval-episodes", "1"]
     flags += ["--critic-hidden-dims", "64", "64", "--actor-hidden-dims", "64", "64"]
-    result = bench("--env-ids", "cartpole-balance", "--seeds", "1", "2", "--workers", "2", "--out", str(tmp_path),
-                   "--", *flags)  # fmt: skip
+    result = bench(
+        "--env-ids", "cartpole-balance", "--seeds", "1", "2", "--workers", "2", "--out", str(tmp_path), "--", *flags
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "2 runs, 2 at a time, 1 core(s) each" in result.stdout
     logs = sorted(p.name for p in (tmp_path / "runs").glob("*.log"))
@@ -159,8 +196,9 @@ def test_local_grid_runs_seeds_in_parallel_and_summarises(tmp_path):
 @pytest.mark.parametrize("signum, group", [(signal.SIGTERM, False), (signal.SIGINT, True)])  # kill GRID; Ctrl-C
 def test_a_signal_to_the_grid_checkpoints_its_runs_and_starts_no_more(tmp_path, signum, group):
     flags = ["--total-timesteps", "100000", "--learning-starts", "500", "--checkpoint-interval", "500", *SMALL]
-    proc = start_bench("--env-ids", "cartpole-balance", "--seeds", "1", "2", "--workers", "1", "--out", str(tmp_path),
-                       "--", *flags)  # fmt: skip
+    proc = start_bench(
+        "--env-ids", "cartpole-balance", "--seeds", "1", "2", "--workers", "1", "--out", str(tmp_path), "--", *flags
+    )
     runs = tmp_path / "runs"
     checkpoint = wait_until(lambda: next(runs.glob("*/checkpoint.pt"), None), 120, "the first checkpoint", proc)
     pid = int((checkpoint.parent / "run.lock").read_text().split()[-3])  # "pid N on HOST"
@@ -199,9 +237,13 @@ def test_the_pool_reports_each_task_by_its_status(tmp_path, monkeypatch, capsys)
 
         return Run
 
-    for status, failed, said in [(0, 0, "done in"), (143, 1, "stopped by a signal; run the same command again"),
-                                 (130, 1, "stopped by a signal"), (-15, 1, "stopped by a signal"),
-                                 (1, 1, f"FAILED (status 1, see {launch.log_path(task)})")]:  # fmt: skip
+    for status, failed, said in [
+        (0, 0, "done in"),
+        (143, 1, "stopped by a signal; run the same command again"),
+        (130, 1, "stopped by a signal"),
+        (-15, 1, "stopped by a signal"),
+        (1, 1, f"FAILED (status 1, see {launch.log_path(task)})"),
+    ]:
         monkeypatch.setattr(launch.subprocess, "Popen", ending(status))
         assert launch.run_local([task], workers=1) == failed
         assert f"cartpole-balance seed 1: {said}" in capsys.readouterr().out

@@ -43,9 +43,15 @@ class ELULayerNormCritic(torch.nn.Module):
 
 @pytest.mark.parametrize(
     ("make", "compiled"),
-    [("twin", False), ("twin-3-critics", False), ("twin-elu", False), ("elu-layernorm", False),
-     ("twin-elu", True), ("elu-layernorm", True)],
-)  # fmt: skip
+    [
+        ("twin", False),
+        ("twin-3-critics", False),
+        ("twin-elu", False),
+        ("elu-layernorm", False),
+        ("twin-elu", True),
+        ("elu-layernorm", True),
+    ],
+)
 def test_qsm_target_is_autograd_of_any_critic(qsm, make, compiled, monkeypatch):
     """Whatever the critic (another activation, LayerNorm, more critics), the target is exactly -M_q * mean_i grad_a Q_i
     computed by autograd on that critic's own forward: no other edit needed, eager or compiled (one graph)."""
@@ -343,8 +349,13 @@ def test_bf16_update_tracks_float32(qsm):
         torch.manual_seed(0)
         agent = qsm.build_agent(5, 2, args, "cpu")
         g = torch.Generator().manual_seed(1)
-        batch = qsm.Batch(torch.randn(64, 5, generator=g), torch.rand(64, 2, generator=g) * 2 - 1,
-                          torch.randn(64, generator=g), torch.randn(64, 5, generator=g), torch.ones(64))  # fmt: skip
+        batch = qsm.Batch(
+            torch.randn(64, 5, generator=g),
+            torch.rand(64, 2, generator=g) * 2 - 1,
+            torch.randn(64, generator=g),
+            torch.randn(64, 5, generator=g),
+            torch.ones(64),
+        )
         params = [p for module in (agent.critic, agent.denoiser) for p in module.parameters()]
         before = torch.cat([p.detach().flatten() for p in params])
         torch.manual_seed(3)
@@ -371,8 +382,13 @@ def test_bf16_td_target_is_float32_arithmetic_on_the_bf16_features(qsm):
     agent = qsm.build_agent(5, 2, args, "cpu")
     agent.critic_target.biases[-1].data.fill_(80.0)
     g = torch.Generator().manual_seed(1)
-    batch = qsm.Batch(torch.randn(64, 5, generator=g), torch.rand(64, 2, generator=g) * 2 - 1,
-                      torch.rand(64, generator=g), torch.randn(64, 5, generator=g), torch.ones(64))  # fmt: skip
+    batch = qsm.Batch(
+        torch.randn(64, 5, generator=g),
+        torch.rand(64, 2, generator=g) * 2 - 1,
+        torch.rand(64, generator=g),
+        torch.randn(64, 5, generator=g),
+        torch.ones(64),
+    )
     torch.manual_seed(2)
     with torch.autocast("cpu", torch.bfloat16):
         y, _ = qsm.td_target(agent.critic_target, agent.denoiser, agent.noise_schedule, batch, args)

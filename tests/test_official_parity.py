@@ -29,8 +29,13 @@ def critic_pairs(critic, prefix):
 
 def denoiser_pairs(den):
     yield "denoiser/fourier/kernel", den.fourier_kernel, lambda x: x
-    layers = [("cond/layer0", den.cond[0]), ("cond/layer1", den.cond[1]), ("mlp/layer0", den.mlp[0]),
-              ("mlp/layer1", den.mlp[1]), ("out", den.out)]  # fmt: skip
+    layers = [
+        ("cond/layer0", den.cond[0]),
+        ("cond/layer1", den.cond[1]),
+        ("mlp/layer0", den.mlp[0]),
+        ("mlp/layer1", den.mlp[1]),
+        ("out", den.out),
+    ]
     for name, layer in layers:
         yield f"denoiser/{name}/kernel", layer.weight, lambda x: x.T  # flax kernels are (in, out)
         yield f"denoiser/{name}/bias", layer.bias, lambda x: x
@@ -90,8 +95,17 @@ def batch(qsm):
 
 def test_the_fixture_is_this_scripts_default_configuration(qsm):
     args = vars(qsm.Args())
-    for key in ("T", "M_q", "ddpm_temperature", "tau", "target_noise", "exploration_noise", "critic_lr", "actor_lr",
-                "actor_lr_decay_steps"):  # fmt: skip
+    for key in (
+        "T",
+        "M_q",
+        "ddpm_temperature",
+        "tau",
+        "target_noise",
+        "exploration_noise",
+        "critic_lr",
+        "actor_lr",
+        "actor_lr_decay_steps",
+    ):
         assert G[f"meta/{key}"] == args[key], key
     assert G["meta/clip_sampler"] and args["sampler_clip"] == "x_t"  # the official code clips every x_t
     assert (args["score_target"], args["normalize_q_grad"], args["best_of_n"]) == ("paper", False, 1)

@@ -103,8 +103,14 @@ def test_a_full_disk_ends_the_run_in_one_line_and_it_resumes(tmp_path):
         "OMP_NUM_THREADS": "1",
         "TQDM_DISABLE": "1",
     }
-    proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--total-timesteps", "600"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *TINY, "--total-timesteps", "600"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     run_dir = only_run_dir(tmp_path)
     relative = run_dir.relative_to(tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("error:") == 1
@@ -128,8 +134,13 @@ def small_run(tmp_path_factory):
 @pytest.mark.parametrize("flag", ["--resume", "--evaluate-model"])
 def test_a_checkpoint_of_another_network_ends_in_one_line(small_run, tmp_path, flag):
     # the copy's denoiser gained a hidden layer, as a user's ablation would add one
-    edited = edited_copy(tmp_path, ("dims = (action_dim + obs_dim + 128, *hidden_dims)",
-                                    "dims = (action_dim + obs_dim + 128, *hidden_dims, hidden_dims[-1])"))  # fmt: skip
+    edited = edited_copy(
+        tmp_path,
+        (
+            "dims = (action_dim + obs_dim + 128, *hidden_dims)",
+            "dims = (action_dim + obs_dim + 128, *hidden_dims, hidden_dims[-1])",
+        ),
+    )
     cwd, run_dir = small_run
     more = ["--total-timesteps", "400"] if flag == "--resume" else []  # the run ended at 200: something to train
     result = run_script([flag, str(run_dir), *more], cwd, timeout=300, script=edited)

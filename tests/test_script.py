@@ -188,7 +188,7 @@ def test_action_repeat_counts_environment_steps(tmp_path):
         (["--num-q", "0"], "--num-q must be positive, got 0"),
         (["--best-of-n", "0"], "--best-of-n must be positive, got 0"),
     ],
-)  # fmt: skip
+)
 def test_bad_input_is_named_in_one_line(qsm, args, expected):
     """check_args, which the script calls before anything starts: the first problem, one line naming the flag."""
     import tyro
@@ -233,9 +233,12 @@ def test_bad_input_exits_2_in_one_line_before_anything_starts(tmp_path, args, ex
 
 @pytest.mark.parametrize(
     ("flag", "value", "choices"),
-    [("--score-target", "Paper", "paper, denoising"), ("--sampler-clip", "X_T", "x_t, x0_hat, final"),
-     ("--beta-schedule", "sigmoid", "vp, cosine, linear")],
-)  # fmt: skip
+    [
+        ("--score-target", "Paper", "paper, denoising"),
+        ("--sampler-clip", "X_T", "x_t, x0_hat, final"),
+        ("--beta-schedule", "sigmoid", "vp, cosine, linear"),
+    ],
+)
 def test_a_choice_outside_its_literal_is_refused_by_tyro(qsm, capsys, flag, value, choices):
     """The choices are Literal types: tyro refuses any other value (a wrong case too) in its own error box, listing
     them, before anything starts (exit 2)."""

@@ -23,8 +23,12 @@ def cluster(tmp_path_factory):
     if os.geteuid() != 0 or not shutil.which("slurmctld"):
         pytest.skip("needs root and Debian's slurm-wlm and munge (.ci/run installs them)")
     state = tmp_path_factory.mktemp("slurm")
-    start = subprocess.run(["bash", str(ROOT / "benchmarks/slurm_local.sh"), "start", str(state)], capture_output=True,
-                           text=True, timeout=120)  # fmt: skip
+    start = subprocess.run(
+        ["bash", str(ROOT / "benchmarks/slurm_local.sh"), "start", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert start.returncode == 0, start.stderr
     env = {"SLURM_CONF": str(state / "slurm.conf")}
     yield env
@@ -111,8 +115,9 @@ def test_an_array_of_two_variants_survives_a_requeue_and_keeps_every_log_line(on
     assert flags["b"].replace(" --M-q 10.0", "") == flags["a"] != flags["b"]
 
     # a second grid into variant a's directory with other flags: one line, and nothing submitted
-    again = bench("--env-ids", "cartpole-balance", "--seeds", "1", "--slurm", "--out", str(out / "a"), "--", *FLAGS,
-                  "--M-q", "10")  # fmt: skip
+    again = bench(
+        "--env-ids", "cartpole-balance", "--seeds", "1", "--slurm", "--out", str(out / "a"), "--", *FLAGS, "--M-q", "10"
+    )
     assert again.returncode == 1 and again.stderr.count("\n") == 1
     assert "is another experiment (--M-q 50.0 there, 10.0 here)" in again.stderr
     assert not slurm("squeue", "-h") and not (out / "a" / "qsm_array.sbatch").exists()
@@ -140,8 +145,20 @@ def test_a_time_limit_requeues_the_task_until_its_run_reaches_its_last_step(on_c
 def test_a_sigterm_without_a_requeue_ends_the_task_as_failed_with_a_checkpoint(on_cluster, tmp_path):
     """scancel --batch: SIGTERM to the array script alone (a drain), passed on to the run; --full: to the run as well
     (as a pre-emption sends it), which must not make it a second signal that stops the run before its checkpoint."""
-    job = submit(tmp_path, "--seeds", "1", "2", "--", "--total-timesteps", "100000", "--checkpoint-interval", "500",
-                 "--eval-interval", "5000", *SMALL)  # fmt: skip
+    job = submit(
+        tmp_path,
+        "--seeds",
+        "1",
+        "2",
+        "--",
+        "--total-timesteps",
+        "100000",
+        "--checkpoint-interval",
+        "500",
+        "--eval-interval",
+        "5000",
+        *SMALL,
+    )
     logs = [tmp_path / "runs" / f"cartpole-balance__seed{seed}.log" for seed in (1, 2)]
     wait_for(lambda: len(list((tmp_path / "runs").glob("*/checkpoint.pt"))) == 2, 180, "both runs' first checkpoint")
     slurm("scancel", "--signal=TERM", "--batch", f"{job}_0")
@@ -160,6 +177,8 @@ def test_a_python_that_cannot_run_the_tasks_is_one_line(on_cluster, tmp_path, mo
     wait_for(done(job), 60, "the task ended")
     assert job_state(f"{job}_0") == ("FAILED", "2:0")
     lines = (tmp_path / f"slurm-{job}_0.log").read_text().splitlines()
-    assert lines == [f"error: task {job}_0: {tmp_path}/no-python cannot import torch, dm_control and tyro; activate "
-                     "the project's venv before sbatch, or set QSM_PYTHON"]  # fmt: skip
+    assert lines == [
+        f"error: task {job}_0: {tmp_path}/no-python cannot import torch, dm_control and tyro; activate "
+        "the project's venv before sbatch, or set QSM_PYTHON"
+    ]
     assert not (tmp_path / "runs").exists()

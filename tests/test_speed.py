@@ -30,8 +30,9 @@ def test_speed_table_from_a_real_short_run():
     every figure positive, the range of the two training runs' steps/s. Small networks (a mode of flags): the
     mechanics, not the paper's sizes, are under test."""
     mode = "critic-hidden-dims=64+actor-hidden-dims=64"
-    result = bench("speed", "--env-ids", "cartpole-balance", "--modes", mode, "--steps", "500", "--repeats", "2",
-                   timeout=600)  # fmt: skip
+    result = bench(
+        "speed", "--env-ids", "cartpole-balance", "--modes", mode, "--steps", "500", "--repeats", "2", timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"round 1/2: qsm_continuous.py cartpole-balance {mode}" in result.stderr
     assert f"round 2/2: qsm_continuous.py cartpole-balance {mode}" in result.stderr
@@ -49,11 +50,27 @@ def test_speed_ratios_are_medians_of_same_round_ratios(capsys):
     over rounds: a round where the machine ran slow for everything cancels out."""
     import speed
 
-    opts = speed.parse(["--env-ids", "cheetah-run", "--modes", "eager", "compile", "--repeats", "3", "--scripts",
-                        str(ROOT / "qsm_continuous.py"), str(ROOT / "benchmark.sh")])  # fmt: skip
+    opts = speed.parse(
+        [
+            "--env-ids",
+            "cheetah-run",
+            "--modes",
+            "eager",
+            "compile",
+            "--repeats",
+            "3",
+            "--scripts",
+            str(ROOT / "qsm_continuous.py"),
+            str(ROOT / "benchmark.sh"),
+        ]
+    )
     old, new = opts.scripts[0], opts.scripts[1]
-    per_round = {(old, "eager"): [10, 20, 10], (old, "compile"): [12, 24, 13], (new, "eager"): [11, 19, 10],
-                 (new, "compile"): [13, 25, 12]}  # fmt: skip
+    per_round = {
+        (old, "eager"): [10, 20, 10],
+        (old, "compile"): [12, 24, 13],
+        (new, "eager"): [11, 19, 10],
+        (new, "compile"): [13, 25, 12],
+    }
     runs = {(s, "cheetah-run", m): [(v, 1.0, 1.0, 1.0, 1.0) for v in values] for (s, m), values in per_round.items()}
     speed.print_table(runs, opts, {old: "old.py", new: "new.py"})
     lines = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith(("| old", "| new"))]

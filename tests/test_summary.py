@@ -156,9 +156,16 @@ def known_modes(name, rng):
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("one bump", 1), ("two bumps", 2), ("three bumps", 3), ("bang-bang", 2), ("bound and bump", 2), ("broad", 1),
-     ("saturated", 1)],
-)  # fmt: skip
+    [
+        ("one bump", 1),
+        ("two bumps", 2),
+        ("three bumps", 3),
+        ("bang-bang", 2),
+        ("bound and bump", 2),
+        ("broad", 1),
+        ("saturated", 1),
+    ],
+)
 def test_mode_counter_on_samples_with_known_modes(name, expected):
     """The mode counter on 1,000 samples, as raw points and through the probe's 0.01 histogram, over 5 draws each."""
     for seed in range(5):
