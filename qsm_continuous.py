@@ -304,7 +304,7 @@ def ddpm_sample(
             eps_pred = denoiser(obs, x, torch.full((1,), t, device=obs.device))  # one step t for the whole batch
             match clip:
                 case "x_t" | "final":  # x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_t)
-                    x = (x - (1.0 - alpha) / math.sqrt(1.0 - alpha_bar) * eps_pred) / math.sqrt(alpha)
+                    x = (x - beta / math.sqrt(1.0 - alpha_bar) * eps_pred) / math.sqrt(alpha)
                 case "x0_hat":  # the posterior mean of q(x_{t-1} | x_t, x0_hat) at the clipped clean action
                     x0_hat = ((x - math.sqrt(1.0 - alpha_bar) * eps_pred) / math.sqrt(alpha_bar)).clamp(-1.0, 1.0)
                     alpha_bar_prev = schedule.alpha_bars[t - 1] if t > 0 else 1.0  # alpha_bar_{t-1}
