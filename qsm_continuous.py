@@ -705,6 +705,12 @@ def check_args(args: Args) -> str | None:
                 return f"{flag} must be {rule if math.isfinite(v) else 'finite'}, got {v}"
     if args.env_id not in ENV_IDS:
         return f"--env-id {args.env_id!r} is not a dm_control task; valid ids: {', '.join(ENV_IDS)}"
+    if args.learning_starts >= args.total_timesteps:
+        return (
+            f"--learning-starts {args.learning_starts} is not below --total-timesteps {args.total_timesteps}: the run "
+            "would make no update; lower --learning-starts or raise --total-timesteps (a random policy's return: "
+            "bash benchmark.sh random-policy)"
+        )
     if args.batch_size > args.buffer_size:
         return f"--batch-size {args.batch_size} exceeds --buffer-size {args.buffer_size}; lower one or raise the other"
     if args.cuda and not torch.cuda.is_available():
@@ -1008,6 +1014,9 @@ class Run:
         if not saved:
             rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
             self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        machine = f"{socket.gethostname()}: {cores} cores, {torch.get_num_threads()} torch threads"  # each attempt's
+        self.writer.add_text("machine", machine, saved["global_step"] if saved else 0)
         self.episode = (env.reset(), 0.0, 0)  # obs, return, length
         self.last_return = float("nan")
         start = 0
@@ -1100,7 +1109,7 @@ class Run:
             save_atomic(self.checkpoint, state)
             self.last_checkpoint = f"{self.checkpoint} (step {steps_done})"
             if STOP and not self.last:  # printed above the progress bar, as the evaluations
-                resume = f"python {sys.argv[0]} --resume {self.dir}"
+                resume = f"python {sys.argv[0]} --resume {os.path.abspath(self.dir)}"  # from wherever the user is
                 tqdm.write(
                     f"{STOP[0]} at step {steps_done}: checkpoint written to {self.checkpoint}; continue with {resume}",
                     file=sys.stderr,

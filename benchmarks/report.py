@@ -21,9 +21,9 @@ import numpy as np
 import stats
 from stats import MODE_BANDWIDTH, MODE_PROMINENCE, NEAR_BOUND
 
-# SAC at equal steps: the eval return of seeds 1, 2, 3 at 0 and 100k environment steps in TD-MPC2's published
-# results/sac/{task}.csv (github.com/nicklashansen/tdmpc2; points every 100k), to 1M for the tasks of the 1M runs. Best published at 100k: the methods' own
-# result files (README, Results).
+# SAC at equal steps: the eval return of seeds 1, 2, 3 every 100k environment steps in TD-MPC2's published
+# results/sac/{task}.csv (github.com/nicklashansen/tdmpc2): at 0 and 100k, and to 1M for the tasks of the 1M runs.
+# Best published at 100k: the methods' own result files (README, Results).
 SAC = {
     "cheetah-run": {
         0: (0.1, 0.1, 0.1),

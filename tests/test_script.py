@@ -187,6 +187,10 @@ def test_action_repeat_counts_environment_steps(tmp_path):
         (["--critic-lr", "inf"], "--critic-lr must be finite, got inf"),
         (["--num-q", "0"], "--num-q must be positive, got 0"),
         (["--best-of-n", "0"], "--best-of-n must be positive, got 0"),
+        (
+            ["--learning-starts", "1000", "--total-timesteps", "1000"],
+            "--learning-starts 1000 is not below --total-time",
+        ),
     ],
 )
 def test_bad_input_is_named_in_one_line(qsm, args, expected):
@@ -219,6 +223,10 @@ def test_cuda_request_without_cuda(qsm):
     [
         (["--env-id", "cheetah_run"], "--env-id 'cheetah_run' is not a dm_control task; valid ids: acrobot-swingup"),
         (["--buffer-size", "1000000000000"], "--buffer-size 1000000000000: the replay buffer needs 156462.2 GiB"),
+        (  # a run that could make no update is refused, not trained as the random policy
+            ["--learning-starts", "5000", "--total-timesteps", "2000"],
+            "--learning-starts 5000 is not below --total-timesteps 2000: the run would make no update",
+        ),
     ],
 )
 def test_bad_input_exits_2_in_one_line_before_anything_starts(tmp_path, args, expected):
@@ -276,7 +284,7 @@ def egl():
 def test_capture_video_resumes_and_evaluates_a_saved_model(egl, tmp_path):
     """Only the first run names --capture-video (MUJOCO_GL=egl); the resume takes it from the checkpoint and the
     evaluation from its flag, both started with MUJOCO_GL=disable: the script restarts itself with EGL."""
-    args = ["--env-id", "cartpole-swingup", "--total-timesteps", "400", "--learning-starts", "600", "--action-repeat"]
+    args = ["--env-id", "cartpole-swingup", "--total-timesteps", "400", "--learning-starts", "300", "--action-repeat"]
     args += ["4", "--eval-interval", "400", "--eval-episodes", "1", "--capture-video", *SMALL]  # 250 frames, on CPU
     first = run_script(args, tmp_path, gl="egl")
     assert first.returncode == 0, first.stderr[-3000:]
