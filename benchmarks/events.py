@@ -43,6 +43,20 @@ def all_scalars(acc):
     return {tag: scalar(acc, tag) for tag in acc.Tags()["scalars"]}
 
 
+def texts(acc, tag):
+    """[(step, text)] of one text tag (the `hyperparameters` table, each attempt's `machine`); [] if never logged."""
+    name = f"{tag}/text_summary"
+    if name not in acc.Tags()["tensors"]:
+        return []
+    return [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(name)]
+
+
+def recorded_args(acc):
+    """{field: value as text} of the run's `hyperparameters` table (its arguments when it started); {} without it."""
+    table = texts(acc, "hyperparameters")
+    return dict(row.strip("|").split("|", 1) for row in table[0][1].splitlines()[2:]) if table else {}
+
+
 def histogram_points(h):
     """A TensorBoard histogram as (values, counts): the probe's 0.01-wide buckets at their centres; TensorBoard's
     default uneven buckets (runs before 8b38e17) at their limits, the one holding the minimum at the minimum."""
@@ -85,10 +99,9 @@ def recorded_flags(acc, args_type, same_experiment):
     """The flags of a run as its event file records its arguments (the `hyperparameters` text of a new run) that
     differ from args_type's defaults, in the script's field order, without the ones in same_experiment (those a
     resume may change, the env id and the seed); None for a run without the record."""
-    if "hyperparameters/text_summary" not in acc.Tags()["tensors"]:
+    recorded = recorded_args(acc)
+    if not recorded:
         return None
-    table = acc.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
-    recorded = dict(row.strip("|").split("|", 1) for row in table.splitlines()[2:])
     flags = []
     for field in dataclasses.fields(args_type):
         value, default = recorded.get(field.name), str(field.default)

@@ -128,7 +128,7 @@ def main(argv):
     if opts.dry_run:  # what each task would run now
         for task in tasks:
             resume, _ = launch.own_run(task, launch.task_args(task))
-            print(f"(cd {shlex.quote(task.out)} && {launch.logged(launch.command(task, resume))})")
+            print(launch.pasteable(task, launch.command(task, resume)))
         sys.exit(0)
     failed = launch.run_local(tasks, opts.workers)
     (report.summarize_study if opts.variants else report.summarize)(opts.out)

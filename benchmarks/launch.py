@@ -73,8 +73,11 @@ def compare(run_dir, task, args):
     if not os.path.exists(checkpoint):
         return [], None
     copy = os.path.join(run_dir, os.path.basename(task.script))
-    if not (os.path.exists(copy) and filecmp.cmp(copy, task.script, shallow=False)):
+    if os.path.exists(copy) and not filecmp.cmp(copy, task.script, shallow=False):
         return [f"made by another {os.path.basename(task.script)} than {os.path.relpath(task.script)}"], None
+    if not os.path.exists(copy):  # the run keeps a copy of the script that made it: name that one
+        made_by = sorted(name for name in os.listdir(run_dir) if name.endswith(".py")) or ["an unknown script"]
+        return [f"made by {made_by[0]} there, {os.path.relpath(task.script)} here"], None
     state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)  # mmap: the buffer stays unread
     saved, ignore = state["args"], script_module(task.script).RUN_FIELDS
     differ = [name for name, value in vars(args).items() if name not in ignore and saved.get(name) != value]
@@ -125,6 +128,13 @@ def logged(cmd):
     return shlex.join(["python", os.path.relpath(cmd[1], ROOT), *cmd[2:]])
 
 
+def pasteable(task, cmd):
+    """The command as --dry-run prints it, to run when pasted where the user stands: into OUT (made if new), the
+    script by its absolute path."""
+    out = shlex.quote(os.path.relpath(task.out))
+    return f"(mkdir -p {out} && cd {out} && {shlex.join(['python', *cmd[1:]])})"
+
+
 def log_path(task):
     return os.path.join(task.out, "runs", f"{task.env_id}__seed{task.seed}.log")
 
@@ -159,7 +169,12 @@ def run_local(tasks, workers, cores=None):
     workers = min(workers, len(tasks))
     share = max(1, len(cores) // workers)
     free = [cores[i * share : (i + 1) * share] or cores for i in range(workers)]  # one core set per worker
-    print(f"{len(tasks)} runs, {workers} at a time, {share} core(s) each; logs in OUT/runs/ENV__seedN.log", flush=True)
+    threads = os.environ.get("OMP_NUM_THREADS")  # the user's, never overridden; else one per core of a run's share
+    said = f"{threads} thread(s) each (OMP_NUM_THREADS)" if threads else f"{share} thread(s) each (set OMP_NUM_THREADS)"
+    print(
+        f"{len(tasks)} runs, {workers} at a time, {share} core(s) and {said}; logs in OUT/runs/ENV__seedN.log",
+        flush=True,
+    )
     pending, running, failed, stop, passed_on = list(tasks), [], 0, [], False
 
     def on_signal(signum, _):  # Ctrl-C, kill, timeout: no run starts; each running one gets a SIGTERM (below)
@@ -170,8 +185,8 @@ def run_local(tasks, workers, cores=None):
         while pending and free and not stop:
             task, my_cores = pending.pop(0), free.pop()
             os.makedirs(os.path.join(task.out, "runs"), exist_ok=True)
-            threads = str(len(my_cores))
-            env = {**ENVIRONMENT, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TQDM_DISABLE": "1"}
+            own = threads or str(len(my_cores))
+            env = {**ENVIRONMENT, "OMP_NUM_THREADS": own, "MKL_NUM_THREADS": own, "TQDM_DISABLE": "1"}
             proc = subprocess.Popen(
                 [sys.executable, LAUNCH, "run", *task_argv(task)],
                 env=env,

@@ -75,7 +75,9 @@ EARLY_REFERENCES = {
 
 
 def fail(message):
-    sys.exit(f"error: {message}")
+    """Bad input to the grid or the summary: one line on stderr and exit 2, as the script's own."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def summarize(out):

@@ -99,6 +99,11 @@ def read_scalars(run_dir):
     return events.all_scalars(events.load_run(run_dir))
 
 
+def read_text(run_dir, tag):
+    """The last text the run logged under tag (through benchmarks/events.py)."""
+    return events.texts(events.load_run(run_dir), tag)[-1][1]
+
+
 def edited_copy(directory: Path, *edits: tuple[str, str]) -> Path:
     """qsm_continuous.py copied into directory with each (old, new) edit made where old occurs, once: the file as a
     user modifies it for an ablation (its body edited in place, not subclassed)."""

@@ -13,7 +13,7 @@ import grid
 import launch
 import pytest
 import torch
-from helpers import ROOT, SMALL, bench, start_bench, wait_until
+from helpers import ROOT, SMALL, bench, bench_command, read_text, start_bench, wait_until
 
 
 def test_slurm_time_limits_in_seconds():
@@ -115,7 +115,7 @@ def test_a_grid_refuses_a_directory_holding_another_experiment(tmp_path, flags, 
         (run_dir / copy).rename(run_dir / "qsm_continuous.py")  # a file of that name, with other text
     for mode in ([], ["--slurm"]):
         result = bench("--env-ids", "cartpole-balance", "--seeds", "1", "--out", str(tmp_path), *mode)
-        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
         assert result.stderr.startswith(f"error: {run_dir} is another experiment {difference}")
         assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [run_dir.name]  # nothing started
         assert not (tmp_path / "qsm_array.sbatch").exists()  # nothing submitted
@@ -139,11 +139,17 @@ def test_variants_each_get_their_own_grid_directory(tmp_path):
         "900",
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    out, script = os.path.relpath(tmp_path), ROOT / "qsm_continuous.py"  # OUT from here, the script absolute
     assert result.stdout.splitlines() == [
-        f"(cd {tmp_path}/paper && python qsm_continuous.py --env-id cartpole-balance --seed 1 --total-timesteps 900)",
-        f"(cd {tmp_path}/small && python qsm_continuous.py --env-id cartpole-balance --seed 1 --M-q 10 "
+        f"(mkdir -p {out}/paper && cd {out}/paper && python {script} --env-id cartpole-balance --seed 1 "
+        "--total-timesteps 900)",
+        f"(mkdir -p {out}/small && cd {out}/small && python {script} --env-id cartpole-balance --seed 1 --M-q 10 "
         "--total-timesteps 900)",
     ]
+    first = result.stdout.splitlines()[0].replace("--total-timesteps 900", "--help")  # pasted here, it runs
+    assert (
+        subprocess.run(["bash", "-c", first], capture_output=True, timeout=120, env=bench_command()[1]).returncode == 0
+    )
 
 
 @pytest.mark.parametrize(
@@ -159,17 +165,18 @@ def test_variants_each_get_their_own_grid_directory(tmp_path):
         (["--", "--M-q", "many"], "error: --M-q many --dry-run: not flags of"),  # bench adds --dry-run
     ],
 )
-def test_bad_grid_input_is_one_line(args, expected):
-    """grid.main in this process: it ends in sys.exit("error: ..."), which Python prints as the one line, exit 1."""
+def test_bad_grid_input_is_one_line(args, expected, capsys):
+    """grid.main in this process: one line on stderr and exit 2, as the script's bad input."""
     with pytest.raises(SystemExit) as exit_:
         grid.main([*args, "--dry-run"])
-    assert exit_.value.code.startswith(expected) and "\n" not in exit_.value.code
+    message = capsys.readouterr().err
+    assert exit_.value.code == 2 and message.startswith(expected) and message.count("\n") == 1, message
 
 
 @pytest.mark.slow  # a subprocess
-def test_bad_grid_input_exits_1_in_one_line():
+def test_bad_grid_input_exits_2_in_one_line():
     result = bench("--env-ids", "cheetah_run", "--dry-run")
-    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith("error: --env-ids 'cheetah_run' is not a dm_control task; valid ids: acrobot")
 
 
@@ -247,3 +254,45 @@ def test_the_pool_reports_each_task_by_its_status(tmp_path, monkeypatch, capsys)
         monkeypatch.setattr(launch.subprocess, "Popen", ending(status))
         assert launch.run_local([task], workers=1) == failed
         assert f"cartpole-balance seed 1: {said}" in capsys.readouterr().out
+
+
+def test_the_refusal_names_the_script_that_made_the_run_and_the_one_asked_for(tmp_path):
+    """A study's copy (qsm_timeweight.py) meeting a run of qsm_continuous.py for its task: the line names both
+    scripts; before, it named the copy twice ("made by another qsm_timeweight.py than qsm_timeweight.py")."""
+    fake_checkpointed_run(tmp_path, [])
+    copy = tmp_path / "qsm_timeweight.py"
+    copy.write_text((ROOT / "qsm_continuous.py").read_text() + "\n# an ablation\n")
+    problem = launch.conflicts([launch.Task(str(tmp_path), str(copy), "cartpole-balance", 1, ())])
+    assert f"made by qsm_continuous.py there, {os.path.relpath(copy)} here" in problem, problem
+
+
+@pytest.mark.slow  # subprocesses
+def test_a_local_grid_gives_each_run_the_threads_the_user_set(tmp_path):
+    """OMP_NUM_THREADS=1 with one worker on this machine's cores: the run gets one torch thread (its `machine` text
+    says so) and the grid's first line says where the number comes from; before, the grid gave it one per core."""
+    command, env = bench_command(
+        "--env-ids",
+        "cartpole-balance",
+        "--seeds",
+        "1",
+        "--workers",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--",
+        "--total-timesteps",
+        "300",
+        "--learning-starts",
+        "200",
+        "--eval-interval",
+        "300",
+        "--eval-episodes",
+        "1",
+        *SMALL,
+    )
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("1 runs, 1 at a time, ") and "1 thread(s) each (OMP_NUM_THREADS)" in result.stdout
+    (run_dir,) = (p for p in (tmp_path / "runs").glob("cartpole-balance__*") if p.is_dir())
+    machine = read_text(run_dir, "machine")
+    assert machine.endswith(", 1 torch threads"), machine

@@ -55,7 +55,7 @@ def test_signal_writes_a_checkpoint_exits_128_plus_the_signal_and_resumes_exactl
     assert (
         f"{signal.Signals(signum).name} at step {stopped_at}: checkpoint written to {relative}/checkpoint.pt" in stderr
     )
-    assert stderr.rstrip().endswith(f"qsm_continuous.py --resume {relative}")
+    assert stderr.rstrip().endswith(f"qsm_continuous.py --resume {run_dir}")  # absolute: it works from anywhere
     resumed = run_script(["--resume", str(run_dir)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert logged(run_dir) == straight

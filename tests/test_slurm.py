@@ -118,7 +118,7 @@ def test_an_array_of_two_variants_survives_a_requeue_and_keeps_every_log_line(on
     again = bench(
         "--env-ids", "cartpole-balance", "--seeds", "1", "--slurm", "--out", str(out / "a"), "--", *FLAGS, "--M-q", "10"
     )
-    assert again.returncode == 1 and again.stderr.count("\n") == 1
+    assert again.returncode == 2 and again.stderr.count("\n") == 1
     assert "is another experiment (--M-q 50.0 there, 10.0 here)" in again.stderr
     assert not slurm("squeue", "-h") and not (out / "a" / "qsm_array.sbatch").exists()
 

@@ -206,7 +206,7 @@ def test_study_summary_compares_variant_directories(tmp_path):
 @pytest.mark.slow  # a subprocess
 def test_summary_without_runs_is_one_line(tmp_path):
     result = bench("summary", str(tmp_path))
-    assert result.returncode == 1 and result.stderr == f"error: no runs with evaluations under {tmp_path}/runs/\n"
+    assert result.returncode == 2 and result.stderr == f"error: no runs with evaluations under {tmp_path}/runs/\n"
 
 
 @pytest.mark.slow  # a subprocess
