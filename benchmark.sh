@@ -15,6 +15,7 @@
 # or as a Slurm array (--slurm: benchmarks/array.sbatch filled in, --cpus-per-task per task, a GPU for --cuda flags,
 # --time: a time limit, USR1 ahead of it, the task requeues itself until its run is done); then the summary
 # (benchmarks/grid.py). A task's status is its run's: 0 done, 143/130 stopped by a signal (resume it), else failed.
+# Each run gets OMP_NUM_THREADS threads if it is set, else one per core of its share. Bad input: one line, exit 2.
 # Ctrl-C or SIGTERM to a local grid: no more runs start, the running ones checkpoint, exit 130/143 (rerun to resume).
 # Each task resumes its own run in DIR, the same script and flags (bar --total-timesteps and the like), or starts it
 # (benchmarks/launch.py); a DIR holding another experiment's run of a task is refused before anything starts.
