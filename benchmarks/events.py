@@ -6,6 +6,7 @@ runs through it. A run directory is runs/{env_id}__{exp_name}__{seed}__{time}[-n
 
 import dataclasses
 import glob
+import hashlib
 import math
 import os
 import sys
@@ -49,6 +50,25 @@ def texts(acc, tag):
     if name not in acc.Tags()["tensors"]:
         return []
     return [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(name)]
+
+
+def machine(acc):
+    """The run's cores and threads as `CxT` from the last attempt's `machine` text ("?" for runs before it)."""
+    logged = texts(acc, "machine")
+    if not logged:
+        return "?"
+    cores, threads = (int(word) for word in logged[-1][1].split(": ")[-1].split() if word.isdigit())
+    return f"{cores}x{threads}"
+
+
+def script_copy(run_dir):
+    """(file name, text, short sha256) of the copy of its script that a run keeps; (None, None, None) without one."""
+    copies = sorted(glob.glob(os.path.join(glob.escape(str(run_dir)), "*.py")))
+    if not copies:
+        return None, None, None
+    with open(copies[0], "rb") as f:
+        data = f.read()
+    return os.path.basename(copies[0]), data.decode(), hashlib.sha256(data).hexdigest()[:8]
 
 
 def recorded_args(acc):

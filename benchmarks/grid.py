@@ -107,6 +107,10 @@ def main(argv):
             fail(f"{shlex.join(task.flags)}: not flags of {os.path.relpath(task.script)} (its --help lists them)")
     if problem := launch.conflicts(tasks):  # before anything starts
         fail(problem)
+    if opts.variants and not opts.dry_run:  # the order, for the summary: the first variant is the baseline
+        os.makedirs(opts.out, exist_ok=True)
+        with open(os.path.join(opts.out, "variants.txt"), "w") as f:
+            f.write("\n".join(variants(opts)) + "\n")
     if opts.slurm:
         script = launch.sbatch_script(tasks, opts.out, opts.cpus_per_task, opts.time)
         if opts.dry_run:

@@ -8,6 +8,7 @@ DIR/VARIANT/actions_{run}.png, one row per variant and task, each variant named 
 DIR/VARIANT/flags.txt, in today's terms, where the script changed since its runs).
 """
 
+import ast
 import csv
 import glob
 import itertools
@@ -222,7 +223,7 @@ def rerun_lines(out, runs):
 def summarize_study(out):
     """DIR/VARIANT/runs/* for every variant: one table and one figure comparing the variants, task by task."""
     qsm = events.script()
-    rows, curves = [], {}
+    rows, curves, scripts, episodes = [], {}, {}, set()
     for variant_dir in sorted(d for d in glob.glob(os.path.join(out, "*")) if os.path.isdir(os.path.join(d, "runs"))):
         variant = os.path.basename(variant_dir)
         flags_file = os.path.join(variant_dir, "flags.txt")  # flags in today's terms, where the code changed since
@@ -236,6 +237,9 @@ def summarize_study(out):
                 continue
             saturation, points = events.scalar(acc, "charts/action_saturation"), events.probe(acc)[1]
             shares, modes = [stats.near_bounds(*p) for p in points], [stats.count_modes(*p) for p in points]
+            name, text, digest = events.script_copy(run_dir)
+            scripts.setdefault(variant, {})[digest] = (name, text)
+            episodes.add(events.recorded_args(acc).get("eval_episodes", "?"))
             by_env.setdefault(env_id, []).append(
                 (
                     seed,
@@ -244,6 +248,7 @@ def summarize_study(out):
                     saturation[-1][1] if saturation else math.nan,
                     statistics.fmean(shares) if shares else math.nan,
                     modes,
+                    events.machine(acc),
                 )
             )
             plot_actions(variant_dir, run_dir, acc)
@@ -263,6 +268,7 @@ def summarize_study(out):
                     "probe_saturation": statistics.fmean(s[4] for s in seeds),
                     "probe_modes": statistics.fmean(modes) if modes else math.nan,
                     "sps": stats.median_sps([s[2] for s in seeds]),
+                    "machines": " ".join(sorted({s[6] for s in seeds})),
                     "flags": flags or "?",
                 }
             )
@@ -272,7 +278,7 @@ def summarize_study(out):
     write_csv(os.path.join(out, "study.csv"), rows)
     lines = [
         "| task | variant | seeds | steps | eval return | saturation (training) | probe state: near +-1 | "
-        "probe: modes per action | train steps/s |",
+        "probe: modes per action | train steps/s (cores x threads) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["env_id"], r["variant"])):
@@ -280,11 +286,12 @@ def summarize_study(out):
         lines.append(
             f"| {r['env_id']} | {r['variant']} | {r['seeds']} | {r['steps']} | {returns} | "
             f"{r['saturation']:.0%} | {r['probe_saturation']:.0%} | {r['probe_modes']:.2f} | "
-            f"{r['sps']:.1f} |"
+            f"{r['sps']:.1f} ({r['machines']}) |"
         )
     lines += [
         "",
-        "Eval return: mean ± std over seeds at the last step all seeds reached (5 episodes each).",
+        f"Eval return: mean ± std over seeds at the last step all seeds reached ({', '.join(sorted(episodes))} "
+        "episodes each, as the runs recorded).",
         "Saturation (training): the share of action components at exactly -1 or +1 in the TD target's samples "
         f"at the last logged step. Probe state: the share within {NEAR_BOUND} of +-1 "
         "of 1,000 samples at the task's fixed initial state (the paper's Figure 4) at the last evaluation; "
@@ -304,11 +311,114 @@ def summarize_study(out):
             at = {s: "{:.0f} ± {:.0f}".format(*stats.mean_std([dict(run)[s] for run in runs])) for s in common[variant]}
             lines.append(f"| {variant} | " + " | ".join(at.get(s, "") for s in steps) + " |")
         lines.append("")
-    lines += ["| variant | flags |", "|---|---|"]
-    lines += [f"| {v} | `{f}` |" for v, f in sorted({(r["variant"], r["flags"]) for r in rows})] + [""]
+    lines += speed_note(rows)
+    baseline = baseline_of(out, sorted(scripts))
+    lines += improvement_lines(curves, baseline)
+    lines += [f"What each variant ran (the baseline: {baseline}):", "", "| variant | script | flags |", "|---|---|---|"]
+    flags_of = dict(sorted({(r["variant"], r["flags"]) for r in rows}))
+    for variant, copies in sorted(scripts.items()):
+        lines.append(f"| {variant} | {script_cell(copies, scripts[baseline])} | `{flags_of.get(variant, '?')}` |")
+    lines.append("")
     write_markdown(os.path.join(out, "study.md"), lines)
     plot_study(out, curves)
     print(*lines, f"wrote {out}/study.md, study.csv, study_curves.png and {out}/*/actions_*.png", sep="\n")
+
+
+def speed_note(rows):
+    """How far the study's steps/s compare variants: each run's cores and threads, and a warning where they differ."""
+    machines = {m for r in rows for m in r["machines"].split()}
+    note = (
+        "Train steps/s: the median over seeds, with each run's cores x threads (? for runs made before the record); "
+        "it compares variants only where their runs had the same cores and threads and did not share them."
+    )
+    if len(machines) > 1:
+        note += f" Here they differ ({', '.join(sorted(machines))}): the steps/s are not a difference of the variants."
+    return [note, ""]
+
+
+def baseline_of(out, variants):
+    """The variant the others are compared with: the first of DIR/variants.txt (the grid's --variants order), else
+    `paper`, else the first by name."""
+    listed = os.path.join(out, "variants.txt")
+    if os.path.exists(listed):
+        with open(listed) as f:
+            first = f.read().split()
+        if first and first[0] in variants:
+            return first[0]
+    return "paper" if "paper" in variants else variants[0]
+
+
+def improvement_lines(curves, baseline, min_seeds=3):
+    """Per task and over tasks, each variant's probability of improvement over the baseline (rliable) with its
+    interval, and the IQM difference, at the last step that every seed of both reached; why not, with fewer seeds."""
+    lines = [
+        f"Probability of improvement over {baseline}: P(variant > baseline) for a seed of each drawn at random (ties "
+        "half; 0.5: no difference), with its 95% stratified-bootstrap interval (rliable, 2,000 resamples); IQM "
+        f"difference: the variant's interquartile mean of the eval return minus the baseline's. Needs {min_seeds}+ "
+        "seeds per variant; over tasks: each task at its own equal step, return / 1000, the seeds each task has "
+        "in common.",
+        "",
+        "| task | variant | step | seeds (variant, baseline) | P(variant > baseline) | IQM difference |",
+        "|---|---|---|---|---|---|",
+    ]
+    others = sorted({v for variants in curves.values() for v in variants} - {baseline})
+    for variant in others:
+        tasks = {}
+        for env_id, variants in sorted(curves.items()):
+            if variant not in variants or baseline not in variants:
+                continue
+            x_runs, y_runs = variants[variant], variants[baseline]
+            counts = f"{len(x_runs)}, {len(y_runs)}"
+            if min(len(x_runs), len(y_runs)) < min_seeds:
+                lines.append(f"| {env_id} | {variant} | - | {counts} | needs {min_seeds}+ seeds of each | - |")
+                continue
+            step = max(set.intersection(*(set(dict(run)) for run in x_runs + y_runs)))
+            x, y = [dict(run)[step] for run in x_runs], [dict(run)[step] for run in y_runs]
+            p, low, high = stats.improvement_probability([[v] for v in x], [[v] for v in y])
+            diff = stats.iqm(x) - stats.iqm(y)
+            lines.append(
+                f"| {env_id} | {variant} | {step} | {counts} | {p:.2f} [{low:.2f}, {high:.2f}] | {diff:+.1f} |"
+            )
+            tasks[env_id] = (x, y)
+        if len(tasks) > 1:
+            n_x, n_y = min(len(x) for x, _ in tasks.values()), min(len(y) for _, y in tasks.values())
+            x = np.array([x[:n_x] for x, _ in tasks.values()]).T / 1000
+            y = np.array([y[:n_y] for _, y in tasks.values()]).T / 1000
+            p, low, high = stats.improvement_probability(x, y)
+            diff = stats.iqm(x) - stats.iqm(y)
+            name = f"{len(tasks)} tasks"
+            lines.append(
+                f"| {name} | {variant} | equal | {n_x}, {n_y} | {p:.2f} [{low:.2f}, {high:.2f}] | {diff:+.3f} |"
+            )
+    return [*lines, ""]
+
+
+def changed_definitions(source, baseline):
+    """The top-level functions and classes whose text differs between two versions of the script (edited, added or
+    removed): what an ablation's copy changed."""
+
+    def definitions(text):
+        nodes = [n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef | ast.ClassDef)]
+        return {n.name: ast.get_source_segment(text, n) for n in nodes}
+
+    mine, theirs = definitions(source), definitions(baseline)
+    return [name for name in {**theirs, **mine} if mine.get(name) != theirs.get(name)]
+
+
+def script_cell(copies, baseline_copies):
+    """A variant's scripts: each copy's file name and digest, and what differs from the baseline's (first) script."""
+    base_digest, (_, base_text) = next(iter(baseline_copies.items()))
+    cells = []
+    for digest, (name, text) in copies.items():
+        if digest is None:
+            cells.append("? (no copy in the run)")
+        elif digest == base_digest:
+            cells.append(f"{name} ({digest}, the baseline's)")
+        else:
+            changed = changed_definitions(text, base_text) if base_text else []
+            shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+            cells.append(f"{name} ({digest}; differs from the baseline's in {shown or 'comments only'})")
+    return "; ".join(cells)
 
 
 def plot_study(out, curves):

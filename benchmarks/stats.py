@@ -48,23 +48,47 @@ def median_sps(per_seed):
     return statistics.median(medians) if medians else math.nan
 
 
-def iqm_ci(scores):
-    """The interquartile mean of a (runs x tasks) score matrix and its 95% stratified-bootstrap confidence interval
-    (rliable, 50,000 resamples of the runs within each task, a fixed seed): (iqm, low, high)."""
-    from rliable import library, metrics
+def interval_estimate(scores, statistic, reps):
+    """rliable's point estimate of statistic on scores (a (runs x tasks) matrix, or a pair of them for a comparison)
+    and its 95% stratified-bootstrap confidence interval (resamples of the runs within each task, of each side
+    independently for a pair; a fixed seed): (point, low, high)."""
+    from rliable import library
 
     state = np.random.get_state()
     np.random.seed(0)  # rliable 1.2's StratifiedBootstrap draws its resamples from np.random, not from random_state
     with warnings.catch_warnings():  # rliable hands arch the RandomState that arch now calls deprecated
         warnings.simplefilter("ignore", FutureWarning)
         point, interval = library.get_interval_estimates(
-            {"x": np.asarray(scores, dtype=float)},
-            lambda x: np.array([metrics.aggregate_iqm(x)]),
-            reps=50_000,
-            random_state=np.random.RandomState(0),
+            {"x": scores}, statistic, reps=reps, random_state=np.random.RandomState(0)
         )
     np.random.set_state(state)
-    return point["x"][0], interval["x"][0, 0], interval["x"][1, 0]
+    return float(np.ravel(point["x"])[0]), float(np.ravel(interval["x"][0])[0]), float(np.ravel(interval["x"][1])[0])
+
+
+def iqm_ci(scores):
+    """The interquartile mean of a (runs x tasks) score matrix and its 95% stratified-bootstrap confidence interval
+    (rliable, 50,000 resamples of the runs within each task): (iqm, low, high)."""
+    from rliable import metrics
+
+    scores = np.asarray(scores, dtype=float)
+    return interval_estimate(scores, lambda x: np.array([metrics.aggregate_iqm(x)]), reps=50_000)
+
+
+def iqm(values):
+    """The interquartile mean (rliable's aggregate_iqm: the mean of the middle 50%, scipy's trim_mean)."""
+    from scipy.stats import trim_mean
+
+    return float(trim_mean(np.asarray(values, dtype=float), proportiontocut=0.25, axis=None))
+
+
+def improvement_probability(x, y):
+    """rliable's probability of improvement of runs x over runs y, both (runs x tasks) matrices of the same tasks:
+    the mean over tasks of P(X > Y) for a run of each drawn at random (ties count half), with its 95% stratified-
+    bootstrap interval (2,000 independent resamples of each side's runs within each task): (p, low, high)."""
+    from rliable import metrics
+
+    pair = (np.asarray(x, dtype=float), np.asarray(y, dtype=float))
+    return interval_estimate(pair, metrics.probability_of_improvement, reps=2_000)
 
 
 def curve_gap(a, b):

@@ -2,6 +2,7 @@
 synthetic and committed, and the README's results as the summary of the committed runs."""
 
 import csv
+import hashlib
 import re
 import sys
 
@@ -14,12 +15,18 @@ from helpers import ROOT, bench
 PROBE_BINS = np.linspace(-1.0, 1.0, 201)  # the script's probe histogram
 
 
-def fake_run(out, env_id, seed, evals, sps, probe=None, bins=PROBE_BINS, args=None):
+def fake_run(out, env_id, seed, evals, sps, probe=None, bins=PROBE_BINS, args=None, script=None, machine=None):
     """A run's TensorBoard file: eval returns, SPS and, at the last evaluation, the probe samples of 2 action dims;
-    given args (an Args), its arguments as the script records them."""
+    given args (an Args), its arguments as the script records them; given script (a path), the run's copy of it;
+    given machine (cores, threads), the script's record of them."""
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(out / "runs" / f"{env_id}__qsm_continuous__{seed}__1700000000"))
+    run_dir = out / "runs" / f"{env_id}__qsm_continuous__{seed}__1700000000"
+    writer = SummaryWriter(str(run_dir))
+    if script is not None:
+        (run_dir / script.name).write_bytes(script.read_bytes())
+    if machine is not None:
+        writer.add_text("machine", f"vm: {machine[0]} cores, {machine[1]} torch threads", 0)
     if args is not None:
         rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
         writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
@@ -193,14 +200,63 @@ def test_study_summary_compares_variant_directories(tmp_path):
     result = bench("summary", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     table = (tmp_path / "study.md").read_text()
-    assert "| cheetah-run | best16 | 1 2 | 2000 | 501.5 ± 0.5 | nan% | 70% | 2.00 | 10.0 |" in table  # 700 at -1
+    assert "| cheetah-run | best16 | 1 2 | 2000 | 501.5 ± 0.5 | nan% | 70% | 2.00 | 10.0 (?) |" in table  # 700 at -1
     assert "| variant | 1k | 2k |" in table and "| best16 | 100 ± 0 | 502 ± 0 |" in table
     assert "| older |  | 400 ± 0 |" in table  # its one seed has no evaluation at 1k
-    assert "| best16 | `--actor-hidden-dims 64 64 --normalize-q-grad --best-of-n 16` |" in table
-    assert "| paper | `(the paper's defaults)` |" in table
-    assert "| older | `--M-q 7.35` |" in table
+    assert (
+        "| best16 | ? (no copy in the run) | `--actor-hidden-dims 64 64 --normalize-q-grad --best-of-n 16` |" in table
+    )
+    assert "| paper | ? (no copy in the run) | `(the paper's defaults)` |" in table
+    assert "| older | ? (no copy in the run) | `--M-q 7.35` |" in table
     assert (tmp_path / "study_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list(tmp_path.glob("*/actions_*.png"))) == 5  # beside each variant's runs
+
+
+@pytest.mark.slow  # imports the script and plots
+def test_a_study_names_each_variants_script_its_runs_machines_and_episodes(tmp_path):
+    """A copy of the script (qsm_timeweight.py, qsm_loss edited) beside the original: the study names each variant's
+    script, its digest and the definitions it changed; the footnote's episodes are the runs' recorded ones (2, not
+    "5"); each run's cores x threads, and a warning where the variants' differ."""
+    from qsm_continuous import Args
+
+    original = ROOT / "qsm_continuous.py"
+    copy = tmp_path / "qsm_timeweight.py"
+    case = '        case "paper":  # -M_q grad_a Q(s, a_t)\n            target = q_term\n'
+    copy.write_text(original.read_text().replace(case, case.replace("q_term\n", "(1.0 - alpha_bar) * q_term\n")))
+    args = Args(env_id="cartpole-swingup", eval_episodes=2)
+    for variant, script, machine in (("paper", original, (1, 1)), ("timeweight", copy, (2, 2))):
+        fake_run(
+            tmp_path / variant, "cartpole-swingup", 1, [(1000, 10.0)], [5.0], args=args, script=script, machine=machine
+        )
+    report.summarize_study(str(tmp_path))
+    table = (tmp_path / "study.md").read_text()
+    digest = hashlib.sha256(copy.read_bytes()).hexdigest()[:8]
+    assert f"| timeweight | qsm_timeweight.py ({digest}; differs from the baseline's in qsm_loss) |" in table
+    assert (
+        f"| paper | qsm_continuous.py ({hashlib.sha256(original.read_bytes()).hexdigest()[:8]}, the baseline's) |"
+        in table
+    )
+    assert "(2 episodes each, as the runs recorded)" in table and "5 episodes" not in table
+    assert "| 5.0 (1x1) |" in table and "| 5.0 (2x2) |" in table
+    assert "Here they differ (1x1, 2x2): the steps/s are not a difference of the variants." in table
+
+
+def test_the_probability_of_improvement_per_task_and_over_tasks_with_its_interval():
+    """Every seed of the variant above every seed of the baseline: P = 1 with the interval [1, 1]; interleaved seeds:
+    an interval around 0.5; two seeds: not computed, and the line says why."""
+    curves = {
+        "walker-walk": {"paper": [[(100, v)] for v in (500, 510, 520)], "new": [[(100, v)] for v in (600, 610, 620)]},
+        "cheetah-run": {"paper": [[(100, v)] for v in (300, 320, 340)], "new": [[(100, v)] for v in (310, 330, 350)]},
+        "hopper-hop": {"paper": [[(100, 0.0)], [(100, 1.0)]], "new": [[(100, 5.0)], [(100, 6.0)]]},
+    }
+    lines = report.improvement_lines(curves, "paper")
+    assert "| walker-walk | new | 100 | 3, 3 | 1.00 [1.00, 1.00] | +100.0 |" in lines
+    (cheetah,) = [line for line in lines if line.startswith("| cheetah-run | new |")]
+    p, low, high = map(float, re.search(r"\| ([\d.]+) \[([\d.]+), ([\d.]+)\] \|", cheetah).groups())
+    assert p == round(6 / 9, 2) and low < 0.5 < high  # 6 of the 9 pairs favour the variant (to 2 decimals)
+    assert "| hopper-hop | new | - | 2, 2 | needs 3+ seeds of each | - |" in lines
+    (both,) = [line for line in lines if line.startswith("| 2 tasks | new |")]
+    assert "| equal | 3, 3 | 0.83 [" in both  # the mean of 1 and 6/9 over the two tasks
 
 
 @pytest.mark.slow  # a subprocess
