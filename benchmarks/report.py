@@ -84,9 +84,10 @@ def fail(message):
 def summarize(out):
     """DIR/runs/*: per task the eval return over seeds at each evaluation and at the last step every seed reached,
     SAC at the same step, the IQM over the tasks with 3+ seeds, and the probe state's share near +-1 and modes."""
-    runs, probes = {}, []
+    runs, probes, machines = {}, [], {}
     for run_dir, env_id, seed in events.run_dirs(out):
         acc = events.load_run(run_dir)
+        machines.setdefault(env_id, set()).add(events.machine(acc))
         evals, sps = dict(events.scalar(acc, "eval/episodic_return")), events.scalar(acc, "charts/SPS")
         if not evals:
             continue
@@ -131,17 +132,20 @@ def summarize(out):
     write_csv(os.path.join(out, "curves.csv"), curves)
     if probes:
         write_csv(os.path.join(out, "probes.csv"), probes)
+    labelled = any(m != "?" for ms in machines.values() for m in ms)  # runs that recorded their cores and threads
     lines = [
         "| task | seeds | steps | QSM eval return | SAC, same step | best published @100k | probe: near ±1 | "
-        "probe: modes per action | components with 2+ modes | train steps/s |",
+        f"probe: modes per action | components with 2+ modes | train steps/s{' (cores x threads)' * labelled} |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         sac = f"{r['sac_mean']:.0f} ± {r['sac_std']:.0f}" if not math.isnan(r["sac_mean"]) else "-"
+        known = sorted(machines[r["env_id"]] - {"?"})  # cores x threads, where the runs recorded them
+        sps = f"{r['sps']:.1f}" + (f" ({' '.join(known)})" if known else "")
         lines.append(
             f"| {r['env_id']} | {r['seeds']} | {r['steps']} | {r['final_mean']:.1f} ± {r['final_std']:.1f} | "
             f"{sac} | {r['best_published_100k']} | {r['near_bounds']:.0%} | {r['modes_mean']:.2f} | "
-            f"{r['multimodal']:.0%} | {r['sps']:.1f} |"
+            f"{r['multimodal']:.0%} | {sps} |"
         )
     lines += ["", aggregate_line(runs, rows), "", "Learning curves, mean ± std over seeds:", ""]
     steps = sorted({c["step"] for c in curves})

@@ -283,3 +283,14 @@ def test_the_readme_results_are_what_the_summary_computes_from_the_committed_run
     ]
     assert rows and all(row in rebuilt.splitlines() for row in rows), rows
     assert any(row.startswith("Aggregate") for row in rows) == ("Aggregate at step" in rebuilt)
+
+
+@pytest.mark.slow  # plots
+def test_a_grid_summary_labels_train_steps_per_second_with_the_runs_cores_and_threads(tmp_path):
+    """Runs that recorded their machine: the steps/s cell names cores x threads (both, where seeds differ); runs
+    made before the record keep the table as it was (the committed results' rows, which the README quotes)."""
+    fake_run(tmp_path, "cheetah-run", 1, [(1000, 10.0)], [5.0], machine=(1, 1))
+    fake_run(tmp_path, "cheetah-run", 2, [(1000, 20.0)], [7.0], machine=(2, 2))
+    report.summarize(str(tmp_path))
+    table = (tmp_path / "results.md").read_text()
+    assert "| train steps/s (cores x threads) |" in table and "| 6.0 (1x1 2x2) |" in table
