@@ -110,7 +110,9 @@ def test_an_array_of_two_variants_survives_a_requeue_and_keeps_every_log_line(on
     # the study's summary names each variant by the flags its runs recorded
     summary = bench("summary", str(out))
     assert summary.returncode == 0, summary.stderr[-3000:]
-    flags = dict(re.findall(r"^\| (\w) \| `(.*)` \|$", (out / "study.md").read_text(), re.M))
+    flags = dict(
+        re.findall(r"^\| (\w) \| [^|]* \| `(.*)` \|$", (out / "study.md").read_text(), re.M)
+    )  # variant, script, flags
     assert "--learning-starts 300" in flags["a"] and "--M-q" not in flags["a"] and "--total-timesteps" not in flags["a"]
     assert flags["b"].replace(" --M-q 10.0", "") == flags["a"] != flags["b"]
 
