@@ -1,4 +1,4 @@
-"""Q-score matching (QSM) on the DeepMind Control Suite, in one file: read it top to bottom, run it, copy it.
+"""Q-score matching (QSM) on dm_control and Gymnasium MuJoCo tasks, in one file: read it top to bottom, run it, copy it.
 
 Psenka, Escontrela, Abbeel, Ma, "Learning a Diffusion Model Policy from Rewards via Q-Score Matching", ICML 2024,
 https://arxiv.org/abs/2312.11752. Run: `python qsm_continuous.py --env-id cheetah-run` (`--help`: every flag).
@@ -17,16 +17,12 @@ the sampling chain. Per environment step, after learning_starts random ones: one
 Glossary. denoiser = eps_theta = "the actor" of the flags (--actor-lr, --actor-hidden-dims) and of its optimiser;
 critic = the num_q critics Q_i, one module; B batch size, S observation size, A action size, T diffusion steps
 (t = 0..T-1, T - 1 the noisiest), beta_t the noise schedule, alpha_t = 1 - beta_t, alpha_bar_t = prod_{k<=t} alpha_k.
-
-Map. Args; ENVIRONMENT (DMCEnv); ALGO LOGIC: the networks, the noise schedule, the sampler and the policy, the
-replay buffer, the two losses and their updates; TRAINING LOOP (`train`); then the RUN INFRASTRUCTURE, which changes
-nothing that is learned: evaluation and logging, speed (torch.compile, CUDA graphs), argument checks and resume, run
-directories and locks, checkpoints, the NaN guard, wandb, signals; last `__main__`.
 """
 
 import contextlib
 import copy
 import dataclasses
+import difflib
 import fcntl
 import functools
 import itertools
@@ -43,6 +39,7 @@ from typing import Literal, NamedTuple
 
 os.environ.setdefault("MUJOCO_GL", "disable")  # read by MuJoCo's import: no renderer (--capture-video restarts)
 
+import gymnasium as gym
 import imageio
 import numpy as np
 import torch
@@ -57,12 +54,9 @@ try:  # each loads the renderer MUJOCO_GL names
     import mujoco
     from dm_control import suite
 except Exception as error:  # e.g. EGL, for --capture-video, on a machine without libEGL: bad input, one line
-    renderer = os.environ["MUJOCO_GL"]
-    print(
-        f"error: MuJoCo cannot load the renderer MUJOCO_GL={renderer} ({type(error).__name__}); "
-        "install it (egl, for --capture-video: libegl1; osmesa: libosmesa6)",
-        file=sys.stderr,
-    )
+    renderer = f"MUJOCO_GL={os.environ['MUJOCO_GL']} ({type(error).__name__})"
+    fix = "install it (egl, for --capture-video: libegl1; osmesa: libosmesa6)"
+    print(f"error: MuJoCo cannot load the renderer {renderer}; {fix}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -154,49 +148,71 @@ class Args:
     """run the updates' hidden-layer products in bfloat16 (autocast); weights, Adam, Q, losses, acting: float32"""
 
 
-# ENVIRONMENT: dm_control, no gym layer. The agent acts in [-1, 1]^A; observations are one float32 vector.
-ENV_IDS = tuple(f"{domain}-{task}" for domain, task in suite.ALL_TASKS)
-
-
-def flatten_observation(observation: dict) -> np.ndarray:
-    """The observation dict in its spec's (fixed) order, each entry raveled, as one float32 vector."""
-    return np.concatenate([np.asarray(v, dtype=np.float32).ravel() for v in observation.values()])
-
-
+# ENVIRONMENT: dm_control directly, Gymnasium through its own API, the agent's interface the same for both
 class DMCEnv:
-    """A dm_control task with the agent's action in [-1, 1], flat float32 observations and action repeat."""
+    """A dm_control task (`cheetah-run`): actions in [-1, 1], flat float32 observations, action repeat, reset(seed)."""
 
     def __init__(self, env_id: str, seed: int, action_repeat: int = 1):
         domain, task = env_id.split("-", 1)  # at the first `-` only: `ball_in_cup-catch`, `cartpole-swingup_sparse`
-        self.env = suite.load(domain, task, task_kwargs={"random": seed})
+        self.env = suite.load(domain, task, task_kwargs={"random": seed}, environment_kwargs={"flat_observation": True})
         spec = self.env.action_spec()
         self.action_low = spec.minimum.astype(np.float64)
         self.action_high = spec.maximum.astype(np.float64)
-        self.obs_dim = sum(int(np.prod(s.shape)) for s in self.env.observation_spec().values())
+        self.obs_dim = self.env.observation_spec()["observations"].shape[0]
         self.action_dim = spec.shape[0]
         self.action_repeat = action_repeat
 
     def rescale(self, action: np.ndarray) -> np.ndarray:  # [-1, 1] -> [minimum, maximum] of the action spec
         return self.action_low + (np.clip(action, -1.0, 1.0) + 1.0) * 0.5 * (self.action_high - self.action_low)
 
-    def reset(self) -> np.ndarray:
-        return flatten_observation(self.env.reset().observation)
+    def reset(self, seed: int | None = None) -> np.ndarray:
+        if seed is not None:
+            self.env.task.random.seed(seed)
+        return self.env.reset().observation["observations"].astype(np.float32)
+
+    def step_once(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool]:  # (obs, reward, terminated, done)
+        time_step = self.env.step(self.rescale(action))
+        obs = time_step.observation["observations"].astype(np.float32)
+        return obs, time_step.reward or 0.0, time_step.discount == 0.0, time_step.last()  # a time limit: discount 1
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, float, bool]:
-        """-> (next_obs, summed reward, mask, done); mask = the `discount`: 0 at a true terminal, 1 at a time limit"""
+        """-> (next_obs, summed reward, mask, done): the action repeated; mask 0 at a true terminal state only"""
         reward = 0.0
         for _ in range(self.action_repeat):
-            time_step = self.env.step(self.rescale(action))
-            reward += time_step.reward or 0.0
-            if time_step.last():
+            obs, step_reward, terminated, done = self.step_once(action)
+            reward += float(step_reward)
+            if done:
                 break
-        return flatten_observation(time_step.observation), float(reward), float(time_step.discount), time_step.last()
+        return obs, reward, 0.0 if terminated else 1.0, done
+
+
+class GymEnv(DMCEnv):
+    """A Gymnasium MuJoCo task (`Hopper-v5`) behind DMCEnv's interface (its rescale and action repeat)."""
+
+    def __init__(self, env_id: str, seed: int, action_repeat: int = 1):
+        self.env = gym.make(env_id)
+        self.env.reset(seed=seed)  # seeds the task's RNG, as suite.load's `random` does; later resets draw on from it
+        self.action_low = self.env.action_space.low.astype(np.float64)
+        self.action_high = self.env.action_space.high.astype(np.float64)
+        self.obs_dim = self.env.observation_space.shape[0]
+        self.action_dim = self.env.action_space.shape[0]
+        self.action_repeat = action_repeat
+
+    def reset(self, seed: int | None = None) -> np.ndarray:
+        return self.env.reset(seed=seed)[0].astype(np.float32)
+
+    def step_once(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool]:
+        obs, reward, terminated, truncated, _ = self.env.step(self.rescale(action))
+        return obs.astype(np.float32), float(reward), terminated, terminated or truncated  # truncated: the time limit
+
+
+def make_env(env_id: str, seed: int, action_repeat: int = 1) -> DMCEnv:
+    return (GymEnv if env_id in gym.envs.registry else DMCEnv)(env_id, seed, action_repeat)
 
 
 # ALGO LOGIC: the networks
 def mish(x: torch.Tensor) -> torch.Tensor:
-    """mish(x) = x tanh(softplus(x)) = x n / (n + 2), n = e^x (e^x + 2): one exp where F.mish takes three (faster on
-    the CPU, eager and compiled). The denoiser's activation; autograd differentiates it."""
+    """The denoiser's activation mish(x) = x tanh(softplus(x)) = x n / (n + 2), n = e^x (e^x + 2): one exp, faster."""
     e = torch.exp(x.clamp(max=20.0))  # clamped inside the exp only: for x > 20 the ratio is 1 in float32
     n = e * (e + 2.0)
     return x * (n / (n + 2.0))
@@ -226,9 +242,8 @@ class TwinCritic(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """eps_theta(s, a_t, t): t -> Fourier features [cos 2 pi t W, sin 2 pi t W] -> the time MLP `cond` (128, 128,
-    mish) -> a time embedding; an MLP (mish) on concat(a_t, s, time embedding) -> the predicted noise. As the official
-    code, t is the integer step 0..T-1."""
+    """eps_theta(s, a_t, t), t the integer step 0..T-1 (the official code's): Fourier features [cos 2 pi t W, sin 2 pi
+    t W] -> the time MLP `cond` (128, 128, mish) -> an embedding; an MLP (mish) on concat(a_t, s, embedding) -> eps."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_dims: tuple[int, ...], T: int, *, time_dim: int = 64):
         super().__init__()
@@ -291,9 +306,7 @@ class DiffusionSchedule:
         self.alpha_bars_tensor = torch.tensor(self.alpha_bars, dtype=torch.float32, device=device)
 
 
-def ddpm_sample(
-    denoiser, schedule: DiffusionSchedule, obs: torch.Tensor, temperature=1.0, clip="x_t", x_T=None
-) -> torch.Tensor:
+def ddpm_sample(denoiser, schedule, obs: torch.Tensor, temperature=1.0, clip="x_t", x_T=None) -> torch.Tensor:
     """The reverse DDPM chain from x_T ~ N(0, I) to an action in [-1, 1]^A: (B, S) -> (B, A). No gradient flows."""
     with torch.no_grad():
         x = torch.randn(obs.shape[0], denoiser.action_dim, device=obs.device) if x_T is None else x_T
@@ -465,15 +478,13 @@ def build_agent(obs_dim: int, action_dim: int, args: Args, device) -> Agent:
 def update_critic(agent: Agent, batch: Batch, args: Args) -> dict:
     """One TD step on the critics, then the Polyak step of the targets. Returns detached metrics (no syncs)."""
     with torch.autocast(batch.obs.device.type, torch.bfloat16, enabled=args.bf16):  # --bf16: the forward only
-        loss, metrics = critic_loss(
-            agent.critic, agent.critic_target, agent.denoiser, agent.noise_schedule, batch, args
-        )
+        loss, logs = critic_loss(agent.critic, agent.critic_target, agent.denoiser, agent.noise_schedule, batch, args)
     agent.critic_optimizer.zero_grad(set_to_none=True)
     loss.backward()
     agent.critic_optimizer.step()
     with torch.no_grad():  # theta_targ <- (1 - tau) theta_targ + tau theta
         torch._foreach_lerp_(list(agent.critic_target.parameters()), list(agent.critic.parameters()), args.tau)
-    return metrics
+    return logs
 
 
 def update_actor(agent: Agent, batch: Batch, args: Args) -> dict:
@@ -493,14 +504,13 @@ def train_step(agent: Agent, batch: Batch, args: Args) -> dict:
 
 # TRAINING LOOP: Algorithm 1 over the environment's steps
 def train(args: Args, saved: dict | None = None, run_dir: str | None = None) -> int:
-    """Trains from scratch, or on from a checkpoint (`saved`, in `run_dir`); returns the exit status: 0 at the last
-    step, 128 + the signal when a signal stopped it earlier."""
+    """Trains from scratch or on from a checkpoint (`saved`, in `run_dir`); returns the exit status (Run's)."""
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if args.cuda else "cpu")
-    env = DMCEnv(args.env_id, args.seed, args.action_repeat)  # the training task, seeded with the run's seed
+    env = make_env(args.env_id, args.seed, args.action_repeat)  # the training task, seeded with the run's seed
 
     # ALGO LOGIC: initialise the critics, their targets, the denoiser and an empty replay buffer
     agent = build_agent(env.obs_dim, env.action_dim, args, device)
@@ -542,17 +552,15 @@ def train(args: Args, saved: dict | None = None, run_dir: str | None = None) -> 
 
 # RUN INFRASTRUCTURE: nothing below changes what is learned. Evaluation and logging, speed (torch.compile, CUDA
 # graphs), argument checks and resume, run directories and locks, checkpoints, the NaN guard, wandb, signals.
-def evaluate(envs: list[DMCEnv], agent: Agent, args: Args, device, video: str | None = None) -> np.ndarray:
+def evaluate(envs: list, agent: Agent, args: Args, device, video: str | None = None) -> np.ndarray:
     """One episode per env, side by side, no exploration noise; env i reseeded with seed + 10000 + i every time."""
-    for i, env in enumerate(envs):
-        env.env.task.random.seed(args.seed + 10_000 + i)
-    obs = np.stack([env.reset() for env in envs])
+    obs = np.stack([env.reset(seed=args.seed + 10_000 + i) for i, env in enumerate(envs)])
     returns = np.zeros(len(envs))
     running = np.ones(len(envs), dtype=bool)
     frames = []
     while running.any():
         if video and running[0]:  # film the first episode
-            frames.append(envs[0].env.physics.render(height=240, width=320, camera_id=0))
+            frames.append(render(envs[0]))
         actions = policy(agent, torch.as_tensor(obs[running], device=device), args).cpu().numpy()
         for action, i in zip(actions, np.flatnonzero(running), strict=True):
             obs[i], reward, _, done = envs[i].step(action)
@@ -560,9 +568,21 @@ def evaluate(envs: list[DMCEnv], agent: Agent, args: Args, device, video: str | 
             running[i] = not done
     if video:
         os.makedirs(os.path.dirname(video), exist_ok=True)
-        fps = min(60, round(1 / (envs[0].env.control_timestep() * args.action_repeat)))
-        imageio.mimwrite(video, frames, fps=fps, macro_block_size=8)
+        imageio.mimwrite(video, frames, fps=frames_per_second(envs[0]), macro_block_size=8)
     return returns
+
+
+def render(env: DMCEnv | GymEnv) -> np.ndarray:
+    """One frame of the task: dm_control's camera 0 at 320x240, Gymnasium's default camera and size (480x480)."""
+    if isinstance(env, GymEnv):
+        return env.env.unwrapped.mujoco_renderer.render("rgb_array")
+    return env.env.physics.render(height=240, width=320, camera_id=0)
+
+
+def frames_per_second(env: DMCEnv | GymEnv) -> int:
+    """The video's rate: one frame per agent step (the control step times the action repeat), at most 60."""
+    control_step = env.env.unwrapped.dt if isinstance(env, GymEnv) else env.env.control_timestep()
+    return min(60, round(1 / (control_step * env.action_repeat)))
 
 
 def evaluate_and_log(agent: Agent, args: Args, eval_envs, probe_obs, writer, step: int) -> float:
@@ -693,6 +713,29 @@ RANGES = {
 }
 
 
+DMC_IDS = tuple(f"{domain}-{task}" for domain, task in suite.ALL_TASKS)
+GYM_IDS = tuple(i for i, spec in gym.envs.registry.items() if str(spec.entry_point).startswith("gymnasium.envs.mujoco"))
+ENV_IDS = DMC_IDS + GYM_IDS  # Gymnasium's MuJoCo tasks, v4 and v5: they build on mujoco 3 (v2/v3 need mujoco-py)
+
+
+def env_id_problem(env_id: str) -> str | None:
+    """One line for an id of neither family (naming the nearest valid one) or of a mujoco-py task; else None."""
+    name, _, version = env_id.rpartition("-v")
+    if env_id in ENV_IDS:
+        return None
+    if f"{name}-v5" in GYM_IDS and version.isdigit():  # Hopper-v2, Hopper-v3: Gymnasium 1.x has no mujoco-py tasks
+        return (
+            f"--env-id {env_id} needs mujoco-py (Gymnasium moved its v2/v3 MuJoCo tasks to gymnasium-robotics); "
+            f"use {name}-v5 (or {name}-v4), which run on the mujoco package"
+        )
+    nearest = difflib.get_close_matches(env_id, ENV_IDS, n=1)
+    hint = f"did you mean {nearest[0]!r}? " if nearest else ""
+    return (
+        f"--env-id {env_id!r} is neither a dm_control task nor a Gymnasium MuJoCo task; {hint}valid ids: "
+        + ", ".join(ENV_IDS)
+    )
+
+
 def check_args(args: Args) -> str | None:
     """The first problem with `args` as a one-line message naming the flag and the fix, or None."""
     for name, (ok, rule) in RANGES.items():
@@ -703,8 +746,8 @@ def check_args(args: Args) -> str | None:
         for v in value if isinstance(value, tuple) else (value,):
             if not math.isfinite(v) or not ok(v):
                 return f"{flag} must be {rule if math.isfinite(v) else 'finite'}, got {v}"
-    if args.env_id not in ENV_IDS:
-        return f"--env-id {args.env_id!r} is not a dm_control task; valid ids: {', '.join(ENV_IDS)}"
+    if problem := env_id_problem(args.env_id):
+        return problem
     if args.learning_starts >= args.total_timesteps:
         return (
             f"--learning-starts {args.learning_starts} is not below --total-timesteps {args.total_timesteps}: the run "
@@ -815,25 +858,48 @@ def numpy_rng_state(rng) -> tuple:  # a NumPy RandomState's state, its key as a 
     return tuple(v.tolist() if isinstance(v, np.ndarray) else v for v in rng.get_state())
 
 
-def env_state(env: DMCEnv) -> dict:
-    """All that decides the task's future (MuJoCo's integration state, time-limit counter, the task's RNG)."""
+INTEGRATION = mujoco.mjtState.mjSTATE_INTEGRATION  # all that mj_step reads: time, qpos, qvel, act, ctrl, warmstart
+# what Gymnasium's tasks read before a step (a body's x, the centre of mass): left by the last substep's kinematics,
+# a substep behind qpos, so not recomputable from the integration state
+KINEMATICS = ("xpos", "xquat", "xmat", "xipos", "ximat", "subtree_com")
+
+
+def get_mujoco_state(model, data) -> torch.Tensor:
+    state = np.empty(mujoco.mj_stateSize(model, INTEGRATION))
+    mujoco.mj_getState(model, data, state, INTEGRATION)
+    return torch.from_numpy(state)
+
+
+def env_state(env: DMCEnv | GymEnv) -> dict:
+    """All that decides the task's future: MuJoCo's state, the time-limit counter, the task's RNG."""
+    if isinstance(env, GymEnv):
+        task = env.env.unwrapped
+        return {
+            "physics": get_mujoco_state(task.model, task.data),
+            "kinematics": {name: torch.from_numpy(getattr(task.data, name).copy()) for name in KINEMATICS},
+            "elapsed_steps": env.env.get_wrapper_attr("_elapsed_steps"),
+            "random": task.np_random.bit_generator.state,
+        }
     physics = env.env.physics
-    spec = mujoco.mjtState.mjSTATE_INTEGRATION
-    buffer = np.empty(mujoco.mj_stateSize(physics.model.ptr, spec))
-    mujoco.mj_getState(physics.model.ptr, physics.data.ptr, buffer, spec)
     return {
-        "physics": torch.from_numpy(buffer),
+        "physics": get_mujoco_state(physics.model.ptr, physics.data.ptr),
         "step_count": env.env._step_count,
         "reset_next_step": env.env._reset_next_step,
         "random": numpy_rng_state(env.env.task.random),
     }
 
 
-def set_env_state(env: DMCEnv, state: dict) -> None:
+def set_env_state(env: DMCEnv | GymEnv, state: dict) -> None:
+    if isinstance(env, GymEnv):
+        task = env.env.unwrapped
+        mujoco.mj_setState(task.model, task.data, state["physics"].numpy(), INTEGRATION)
+        for name, value in state["kinematics"].items():
+            getattr(task.data, name)[:] = value.numpy()
+        env.env.set_wrapper_attr("_elapsed_steps", state["elapsed_steps"])
+        task.np_random.bit_generator.state = state["random"]
+        return
     physics = env.env.physics
-    mujoco.mj_setState(
-        physics.model.ptr, physics.data.ptr, state["physics"].numpy(), mujoco.mjtState.mjSTATE_INTEGRATION
-    )
+    mujoco.mj_setState(physics.model.ptr, physics.data.ptr, state["physics"].numpy(), INTEGRATION)
     mujoco.mj_step1(physics.model.ptr, physics.data.ptr)  # dm_control steps with mj_step2 and expects this done
     env.env._step_count = state["step_count"]
     env.env._reset_next_step = state["reset_next_step"]
@@ -846,7 +912,7 @@ def agent_state(agent: Agent, args: Args) -> dict:
     return {"args": vars(args)} | {name: getattr(agent, name).state_dict() for name in names}
 
 
-def training_state(agent: Agent, args: Args, rb: ReplayBuffer, env: DMCEnv, step: int, episode: tuple, run=None):
+def training_state(agent: Agent, args: Args, rb: ReplayBuffer, env, step: int, episode: tuple, run=None):
     """Everything a run needs to go on exactly as if never stopped, the replay buffer's filled rows included."""
     rng = {
         "python": random.getstate(),
@@ -897,7 +963,7 @@ def load_networks(agent: Agent, state: dict, file: str, names=("critic", "critic
             )
 
 
-def restore(file: str, state: dict, agent: Agent, args: Args, rb: ReplayBuffer, env: DMCEnv) -> tuple:
+def restore(file: str, state: dict, agent: Agent, args: Args, rb: ReplayBuffer, env) -> tuple:
     """Loads a checkpoint into the run; returns the current episode (obs, return, length, last return)."""
     load_networks(agent, state, file)
     agent.actor_scheduler.load_state_dict(state["actor_scheduler"])
@@ -932,7 +998,7 @@ def evaluate_model(args: Args) -> None:
         capture_video=args.capture_video,
         cudagraphs=False,
     )
-    envs = [DMCEnv(args.env_id, args.seed + 10_000 + i, args.action_repeat) for i in range(args.eval_episodes)]
+    envs = [make_env(args.env_id, args.seed + 10_000 + i, args.action_repeat) for i in range(args.eval_episodes)]
     agent = build_agent(envs[0].obs_dim, envs[0].action_dim, args, device)
     load_networks(agent, state, file, ("denoiser", "critic"))  # the critic: --best-of-n ranks the samples by Q
     run_name = os.path.basename(os.path.dirname(os.path.abspath(file)))
@@ -995,7 +1061,7 @@ class Run:
     checkpoints and signals. As a context manager it ends the progress bar's line on the way out, so that whatever
     comes next, an error included, starts on its own line."""
 
-    def __init__(self, args: Args, agent: Agent, rb: ReplayBuffer, env: DMCEnv, saved, run_dir: str | None):
+    def __init__(self, args: Args, agent: Agent, rb: ReplayBuffer, env, saved, run_dir: str | None):
         self.args = args
         self.agent = agent
         self.rb = rb
@@ -1003,9 +1069,9 @@ class Run:
         device = rb.rows.device
         # the eval tasks seeded with seed + 10000 + i, one fixed state to probe the policy with (paper, Fig. 4)
         self.eval_envs = [
-            DMCEnv(args.env_id, args.seed + 10_000 + i, args.action_repeat) for i in range(args.eval_episodes)
+            make_env(args.env_id, args.seed + 10_000 + i, args.action_repeat) for i in range(args.eval_episodes)
         ]
-        self.probe_obs = torch.as_tensor(DMCEnv(args.env_id, args.seed + 20_000).reset(), device=device)
+        self.probe_obs = torch.as_tensor(make_env(args.env_id, args.seed + 20_000).reset(), device=device)
         self.dir, self.lock = claim_run_dir(run_dir, args)
         self.checkpoint = f"{self.dir}/checkpoint.pt"
         run_name = os.path.basename(os.path.abspath(self.dir))

@@ -107,11 +107,10 @@ def script():
 
 
 def unknown_env_id(env_ids):
-    """The one-line error for the first of env_ids that is not one of the script's tasks, or None when all are."""
-    valid = script().ENV_IDS
+    """The script's one-line error for the first of env_ids that is not one of its tasks, or None when all are."""
     for env_id in env_ids:
-        if env_id not in valid:
-            return f"--env-ids {env_id!r} is not a dm_control task; valid ids: {', '.join(valid)}"
+        if problem := script().env_id_problem(env_id):
+            return problem.replace("--env-id ", "--env-ids ", 1)
     return None
 
 

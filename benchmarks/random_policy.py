@@ -18,7 +18,7 @@ def random_returns(env_id: str, seed: int, episodes: int = 5, action_repeat: int
     """The return of each of a run's evaluation episodes under uniform random actions (drawn from torch, seeded)."""
     qsm = events.script()
     args = qsm.Args(env_id=env_id, seed=seed, eval_episodes=episodes, action_repeat=action_repeat, cuda=False)
-    envs = [qsm.DMCEnv(env_id, seed + 10_000 + i, action_repeat) for i in range(episodes)]
+    envs = [qsm.make_env(env_id, seed + 10_000 + i, action_repeat) for i in range(episodes)]
     generator = torch.Generator().manual_seed(seed)
 
     def uniform(agent, obs, args):  # the policy's signature: one action per running episode

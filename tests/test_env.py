@@ -1,4 +1,4 @@
-"""The dm_control wrapper and the replay buffer."""
+"""The dm_control wrapper and the replay buffer (the Gymnasium wrapper: test_gymnasium.py)."""
 
 from collections import OrderedDict
 
@@ -25,16 +25,17 @@ def test_underscore_tasks_load_and_step(qsm):
 
 
 def test_observation_is_flattened_in_spec_order(qsm):
-    obs = OrderedDict(orientations=np.arange(4.0).reshape(2, 2), height=np.float64(7.0), velocity=np.array([8.0, 9.0]))
-    flat = qsm.flatten_observation(obs)
-    assert flat.dtype == np.float32
-    np.testing.assert_array_equal(flat, [0, 1, 2, 3, 7, 8, 9])
+    """The flat observation is the nested one's entries raveled in the spec's order (a scalar among arrays too)."""
     env = qsm.DMCEnv("walker-walk", seed=0)  # 14 orientations, a scalar height, 9 velocities
-    assert env.obs_dim == 24 and env.reset().shape == (24,)
-    time_step = env.env.reset()
-    np.testing.assert_array_equal(
-        qsm.flatten_observation(time_step.observation)[14], np.float32(time_step.observation["height"])
-    )
+    nested = qsm.suite.load("walker", "walk", task_kwargs={"random": 0})  # the same task and seed, not flattened
+    observations = [nested.reset().observation, nested.step(np.full(6, 0.5)).observation]
+    assert list(observations[0]) == ["orientations", "height", "velocity"]
+    flat = [env.reset(), env.step(np.full(6, 0.5))[0]]
+    for obs, nested_obs in zip(flat, observations, strict=True):
+        expected = np.concatenate([np.asarray(v, np.float32).ravel() for v in nested_obs.values()])
+        assert obs.dtype == np.float32 and obs.shape == (env.obs_dim,) == (24,)
+        np.testing.assert_array_equal(obs, expected)
+        assert obs[14] == np.float32(nested_obs["height"])
 
 
 def test_actions_are_rescaled_to_the_spec(qsm):

@@ -155,7 +155,11 @@ def test_variants_each_get_their_own_grid_directory(tmp_path):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--env-ids", "cheetah_run"], "error: --env-ids 'cheetah_run' is not a dm_control task; valid ids: acrobot"),
+        (
+            ["--env-ids", "cheetah_run"],
+            "error: --env-ids 'cheetah_run' is neither a dm_control task nor a Gymnasium MuJoCo task; "
+            "did you mean 'cheetah-run'?",
+        ),
         (["--workers", "0"], "error: --workers must be >= 1, got 0"),
         (["--", "--seed", "3"], "error: --seed in a run's flags is set by benchmark.sh itself; use --env-ids"),
         (["--variants", "a", "a=--M-q 1"], "error: --variants 'a=--M-q 1': each needs its own NAME of letters"),
@@ -177,7 +181,10 @@ def test_bad_grid_input_is_one_line(args, expected, capsys):
 def test_bad_grid_input_exits_2_in_one_line():
     result = bench("--env-ids", "cheetah_run", "--dry-run")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert result.stderr.startswith("error: --env-ids 'cheetah_run' is not a dm_control task; valid ids: acrobot")
+    assert result.stderr.startswith(
+        "error: --env-ids 'cheetah_run' is neither a dm_control task nor a Gymnasium MuJoCo task; "
+        "did you mean 'cheetah-run'?"
+    )
 
 
 @pytest.mark.slow  # a subprocess

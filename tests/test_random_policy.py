@@ -29,5 +29,8 @@ def test_unknown_task_is_one_line_naming_the_valid_ids():
     with pytest.raises(SystemExit) as exit_:
         random_policy.main(["--env-ids", "pendulum-swingup", "cheetah_run"])
     message = exit_.value.code
-    assert message.startswith("error: --env-ids 'cheetah_run' is not a dm_control task; valid ids: acrobot-swingup")
+    assert message.startswith(
+        "error: --env-ids 'cheetah_run' is neither a dm_control task nor a Gymnasium MuJoCo task; "
+        "did you mean 'cheetah-run'?"
+    )
     assert "\n" not in message

@@ -174,7 +174,11 @@ def test_action_repeat_counts_environment_steps(tmp_path):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--env-id", "cheetah_run"], "--env-id 'cheetah_run' is not a dm_control task; valid ids: acrobot-swingup"),
+        (
+            ["--env-id", "cheetah_run"],
+            "--env-id 'cheetah_run' is neither a dm_control task nor a Gymnasium MuJoCo task; "
+            "did you mean 'cheetah-run'?",
+        ),
         (["--T", "0"], "--T must be positive, got 0"),
         (["--batch-size", "512", "--buffer-size", "100"], "--batch-size 512 exceeds --buffer-size 100"),
         (["--M-q", "-1"], "--M-q must be positive, got -1.0"),
@@ -221,7 +225,11 @@ def test_cuda_request_without_cuda(qsm):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--env-id", "cheetah_run"], "--env-id 'cheetah_run' is not a dm_control task; valid ids: acrobot-swingup"),
+        (
+            ["--env-id", "cheetah_run"],
+            "--env-id 'cheetah_run' is neither a dm_control task nor a Gymnasium MuJoCo task; "
+            "did you mean 'cheetah-run'?",
+        ),
         (["--buffer-size", "1000000000000"], "--buffer-size 1000000000000: the replay buffer needs 156462.2 GiB"),
         (  # a run that could make no update is refused, not trained as the random policy
             ["--learning-starts", "5000", "--total-timesteps", "2000"],
