@@ -173,13 +173,17 @@ def summarize(out):
 
 
 def aggregate_line(runs, rows):
-    """The IQM of the normalised score (return / 1000) over the tasks with 3+ seeds, at their common last step, with
-    its 95% confidence interval, and SAC's on the same tasks at the same step. rliable takes a (runs x tasks) matrix:
-    each task gives as many seeds as the one with the fewest, its lowest-numbered; the line names any left out."""
+    """The IQM of the normalised score (return / 1000) over the dm_control tasks with 3+ seeds, at their common last
+    step, with its 95% confidence interval, and SAC's on the same tasks at the same step. rliable takes a (runs x
+    tasks) matrix: each task gives as many seeds as the one with the fewest, its lowest-numbered; the line names any
+    left out, Gymnasium's tasks too (their returns have no bound to divide by)."""
     final = {r["env_id"]: r["steps"] for r in rows}
-    tasks = [env_id for env_id, seeds in sorted(runs.items()) if len(seeds) >= 3]
+    gym_tasks = [env_id for env_id in sorted(runs) if not bounded(env_id)]
+    note = f" Left out of it: {', '.join(gym_tasks)} (Gymnasium's returns have no bound: return / 1000 means nothing)."
+    note = note if gym_tasks else ""
+    tasks = [env_id for env_id, seeds in sorted(runs.items()) if len(seeds) >= 3 and bounded(env_id)]
     if not tasks or len({final[env_id] for env_id in tasks}) > 1:
-        return "Aggregate: needs a task with 3 or more seeds (every such task at the same last step)."
+        return "Aggregate: needs a dm_control task with 3 or more seeds (every such task at the same last step)." + note
     step, n = final[tasks[0]], min(len(runs[env_id]) for env_id in tasks)
     used = {env_id: sorted(runs[env_id])[:n] for env_id in tasks}
     qsm = [[runs[env_id][used[env_id][i]][0][step] / 1000 for env_id in tasks] for i in range(n)]
@@ -190,7 +194,12 @@ def aggregate_line(runs, rows):
     if all(step in SAC.get(env_id, {}) for env_id in tasks):
         sac = [[SAC[env_id][step][i] / 1000 for env_id in tasks] for i in range(3)]
         line += ", SAC (3 seeds each) {:.3f} [{:.3f}, {:.3f}]".format(*stats.iqm_ci(sac))
-    return line + " (95% stratified-bootstrap confidence intervals, rliable)."
+    return line + " (95% stratified-bootstrap confidence intervals, rliable)." + note
+
+
+def bounded(env_id):
+    """A dm_control task: its return lies in [0, 1000] (Gymnasium's have no bound)."""
+    return env_id in events.script().DMC_IDS
 
 
 def rerun_lines(out, runs):
@@ -435,7 +444,9 @@ def plot_study(out, curves):
             plot_seeds(ax, runs, colors[variant], f"{variant} ({len(runs)} seed(s))", alpha=0.15)
         for j, (name, value) in enumerate(EARLY_REFERENCES.get(env_id, {}).items()):
             ax.axhline(value, color="gray", linestyle=("--", ":")[j % 2], label=f"{name}: {value}")
-        ax.set(title=env_id, xlabel="environment steps", ylabel="eval return", ylim=(0, 1000))
+        ax.set(
+            title=env_id, xlabel="environment steps", ylabel="eval return", ylim=(0, 1000) if bounded(env_id) else None
+        )
         ax.legend(fontsize=7, loc="upper left")
     fig.suptitle("QSM variants: mean and min-max over seeds", fontsize=9)
     fig.tight_layout()
@@ -518,7 +529,9 @@ def plot(out, runs):
             means = np.array([v.mean() for v in values])
             spread = np.clip([means - [v.min() for v in values], [v.max() for v in values] - means], 0.0, None)
             ax.errorbar(steps, means, yerr=spread, fmt="s", color="C3", capsize=3, label="SAC, 3 seeds (TD-MPC2)")
-        ax.set(title=env_id, xlabel="environment steps", ylabel="eval return", ylim=(0, 1000))
+        ax.set(
+            title=env_id, xlabel="environment steps", ylabel="eval return", ylim=(0, 1000) if bounded(env_id) else None
+        )
         ax.legend(fontsize=7, loc="upper left")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")

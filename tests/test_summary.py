@@ -140,7 +140,22 @@ def test_a_single_seed_task_has_no_aggregate(tmp_path):
     fake_run(tmp_path, "cheetah-run", 1, [(1000, 100.0)], [])
     result = bench("summary", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Aggregate: needs a task with 3 or more seeds" in (tmp_path / "results.md").read_text()
+    assert "Aggregate: needs a dm_control task with 3 or more seeds" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow  # a subprocess
+def test_gymnasium_tasks_are_summarised_but_left_out_of_the_aggregate(tmp_path):
+    """A Gymnasium task's return has no bound, so return / 1000 means nothing: its rows and curves are there, the
+    aggregate stays over the dm_control tasks and names the task it left out."""
+    for seed, value in enumerate([300.0, 400.0, 500.0], start=1):
+        fake_run(tmp_path, "cheetah-run", seed, [(1000, value)], [20.0])
+        fake_run(tmp_path, "Hopper-v5", seed, [(1000, 3000.0 + value)], [20.0])
+    result = bench("summary", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = (tmp_path / "results.md").read_text()
+    assert "| Hopper-v5 | 1 2 3 | 1000 | 3400.0 ± 81.6 |" in text
+    assert "Aggregate at step 1000 over cheetah-run (3 seeds each): IQM" in text and "QSM 0.400 [" in text
+    assert "Left out of it: Hopper-v5 (Gymnasium's returns have no bound" in text
 
 
 def known_modes(name, rng):
