@@ -569,6 +569,10 @@ def evaluate(envs: list, agent: Agent, args: Args, device, video: str | None = N
     if video:
         os.makedirs(os.path.dirname(video), exist_ok=True)
         imageio.mimwrite(video, frames, fps=frames_per_second(envs[0]), macro_block_size=8)
+        if isinstance(envs[0], GymEnv):  # free its GL context now: Gymnasium's viewer frees it at exit, after EGL's end
+            renderer = envs[0].env.unwrapped.mujoco_renderer
+            renderer._viewers.clear()
+            renderer.viewer = None
     return returns
 
 

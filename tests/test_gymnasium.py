@@ -111,3 +111,15 @@ def test_a_gymnasium_run_resumes_bit_for_bit(tmp_path, env_id):
     assert len(logged[0]["charts/episodic_return"]) >= 3  # episodes ended (terminated) on both sides of the cut
     assert [step for step, _ in logged[0]["eval/episodic_return"]] == [600, 1200]
     assert logged[1] == logged[0]
+
+
+@pytest.mark.slow  # a subprocess
+def test_capture_video_on_a_gymnasium_task(egl, tmp_path):
+    """Gymnasium's own renderer films the first evaluation episode; its GL context is freed before the exit, so the
+    run ends without the viewer's late-free traceback on stderr."""
+    args = ["--env-id", "Hopper-v5", "--total-timesteps", "500", "--learning-starts", "400", "--eval-interval", "500"]
+    result = run_script([*args, "--eval-episodes", "1", *SMALL, "--capture-video"], tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (video,) = (tmp_path / "videos").glob("Hopper-v5__*/step_500.mp4")
+    assert video.read_bytes()[4:8] == b"ftyp"
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr[-3000:]

@@ -1,9 +1,6 @@
 """The script as a user runs it: end to end in a subprocess, seeding, bad input and --help."""
 
 import math
-import os
-import subprocess
-import sys
 
 import events
 import pytest
@@ -277,15 +274,6 @@ def test_help_documents_every_flag(qsm, tmp_path):
     for field in dataclasses.fields(qsm.Args):
         assert f"--{field.name.replace('_', '-')}" in result.stdout, field.name
     assert "the QSM scale alpha" in result.stdout and "diffusion steps" in result.stdout
-
-
-@pytest.fixture(scope="module")
-def egl():
-    """Skips where MuJoCo cannot render headless (EGL): probed when a test asks, not when pytest collects."""
-    probe = "from dm_control import suite; suite.load('cartpole', 'swingup').physics.render(24, 32)"
-    env = {**os.environ, "MUJOCO_GL": "egl"}
-    if subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, timeout=120).returncode != 0:
-        pytest.skip("no headless OpenGL (EGL) on this machine: see README, Flags (--capture-video)")
 
 
 @pytest.mark.slow  # subprocesses
