@@ -73,12 +73,12 @@ class FakeTask:
 
     def reset(self):
         self.t = 0
-        return dm_env.restart(OrderedDict(x=np.zeros(2)))
+        return dm_env.restart(OrderedDict(observations=np.zeros(2)))  # flat, as flat_observation gives
 
     def step(self, action):
         self.t += 1
         self.actions.append(action)
-        obs = OrderedDict(x=np.full(2, self.t, dtype=np.float64))
+        obs = OrderedDict(observations=np.full(2, self.t, dtype=np.float64))
         return dm_env.termination(1.0, obs) if self.t == self.terminal_at else dm_env.transition(1.0, obs)
 
 
