@@ -552,7 +552,7 @@ def train(args: Args, saved: dict | None = None, run_dir: str | None = None) -> 
 
 # RUN INFRASTRUCTURE: nothing below changes what is learned. Evaluation and logging, speed (torch.compile, CUDA
 # graphs), argument checks and resume, run directories and locks, checkpoints, the NaN guard, wandb, signals.
-def evaluate(envs: list, agent: Agent, args: Args, device, video: str | None = None) -> np.ndarray:
+def evaluate(envs: list[DMCEnv], agent: Agent, args: Args, device, video: str | None = None) -> np.ndarray:
     """One episode per env, side by side, no exploration noise; env i reseeded with seed + 10000 + i every time."""
     obs = np.stack([env.reset(seed=args.seed + 10_000 + i) for i, env in enumerate(envs)])
     returns = np.zeros(len(envs))
@@ -576,14 +576,14 @@ def evaluate(envs: list, agent: Agent, args: Args, device, video: str | None = N
     return returns
 
 
-def render(env: DMCEnv | GymEnv) -> np.ndarray:
+def render(env: DMCEnv) -> np.ndarray:
     """One frame of the task: dm_control's camera 0 at 320x240, Gymnasium's default camera and size (480x480)."""
     if isinstance(env, GymEnv):
         return env.env.unwrapped.mujoco_renderer.render("rgb_array")
     return env.env.physics.render(height=240, width=320, camera_id=0)
 
 
-def frames_per_second(env: DMCEnv | GymEnv) -> int:
+def frames_per_second(env: DMCEnv) -> int:
     """The video's rate: one frame per agent step (the control step times the action repeat), at most 60."""
     control_step = env.env.unwrapped.dt if isinstance(env, GymEnv) else env.env.control_timestep()
     return min(60, round(1 / (control_step * env.action_repeat)))
@@ -724,9 +724,9 @@ ENV_IDS = DMC_IDS + GYM_IDS  # Gymnasium's MuJoCo tasks, v4 and v5: they build o
 
 def env_id_problem(env_id: str) -> str | None:
     """One line for an id of neither family (naming the nearest valid one) or of a mujoco-py task; else None."""
-    name, _, version = env_id.rpartition("-v")
     if env_id in ENV_IDS:
         return None
+    name, _, version = env_id.rpartition("-v")
     if f"{name}-v5" in GYM_IDS and version.isdigit():  # Hopper-v2, Hopper-v3: Gymnasium 1.x has no mujoco-py tasks
         return (
             f"--env-id {env_id} needs mujoco-py (Gymnasium moved its v2/v3 MuJoCo tasks to gymnasium-robotics); "
@@ -874,7 +874,7 @@ def get_mujoco_state(model, data) -> torch.Tensor:
     return torch.from_numpy(state)
 
 
-def env_state(env: DMCEnv | GymEnv) -> dict:
+def env_state(env: DMCEnv) -> dict:
     """All that decides the task's future: MuJoCo's state, the time-limit counter, the task's RNG."""
     if isinstance(env, GymEnv):
         task = env.env.unwrapped
@@ -893,7 +893,7 @@ def env_state(env: DMCEnv | GymEnv) -> dict:
     }
 
 
-def set_env_state(env: DMCEnv | GymEnv, state: dict) -> None:
+def set_env_state(env: DMCEnv, state: dict) -> None:
     if isinstance(env, GymEnv):
         task = env.env.unwrapped
         mujoco.mj_setState(task.model, task.data, state["physics"].numpy(), INTEGRATION)
@@ -916,7 +916,7 @@ def agent_state(agent: Agent, args: Args) -> dict:
     return {"args": vars(args)} | {name: getattr(agent, name).state_dict() for name in names}
 
 
-def training_state(agent: Agent, args: Args, rb: ReplayBuffer, env, step: int, episode: tuple, run=None):
+def training_state(agent: Agent, args: Args, rb: ReplayBuffer, env: DMCEnv, step: int, episode: tuple, run=None):
     """Everything a run needs to go on exactly as if never stopped, the replay buffer's filled rows included."""
     rng = {
         "python": random.getstate(),
@@ -967,7 +967,7 @@ def load_networks(agent: Agent, state: dict, file: str, names=("critic", "critic
             )
 
 
-def restore(file: str, state: dict, agent: Agent, args: Args, rb: ReplayBuffer, env) -> tuple:
+def restore(file: str, state: dict, agent: Agent, args: Args, rb: ReplayBuffer, env: DMCEnv) -> tuple:
     """Loads a checkpoint into the run; returns the current episode (obs, return, length, last return)."""
     load_networks(agent, state, file)
     agent.actor_scheduler.load_state_dict(state["actor_scheduler"])
@@ -1065,7 +1065,7 @@ class Run:
     checkpoints and signals. As a context manager it ends the progress bar's line on the way out, so that whatever
     comes next, an error included, starts on its own line."""
 
-    def __init__(self, args: Args, agent: Agent, rb: ReplayBuffer, env, saved, run_dir: str | None):
+    def __init__(self, args: Args, agent: Agent, rb: ReplayBuffer, env: DMCEnv, saved, run_dir: str | None):
         self.args = args
         self.agent = agent
         self.rb = rb

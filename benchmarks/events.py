@@ -98,7 +98,8 @@ def probe(acc):
 
 def script():
     """qsm_continuous imported (it imports dm_control: only when needed), or one line."""
-    sys.path.insert(0, ROOT)
+    if ROOT not in sys.path:  # once: the summary asks for the script per task
+        sys.path.insert(0, ROOT)
     try:
         import qsm_continuous
     except ImportError as error:
