@@ -65,7 +65,7 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
-    """seed of Python, NumPy, torch and the dm_control task (eval tasks: seed + 10000 + i, probe state: seed + 20000)"""
+    """seed of Python, NumPy, torch and the task (eval episodes: seed + 10000 + i, probe state: seed + 20000)"""
     cuda: bool = torch.cuda.is_available()
     """train on the GPU (the default where one is visible); `--cuda` without one is an error"""
     track: bool = False
@@ -86,7 +86,7 @@ class Args:
     """continue a run exactly from its run directory or checkpoint (flags not given: the checkpoint's)"""
 
     env_id: str = "cheetah-run"
-    """the dm_control task as `domain-task`, split at the first `-` (e.g. `ball_in_cup-catch`)"""
+    """dm_control's `domain-task` (split at the first `-`: `ball_in_cup-catch`) or a Gymnasium MuJoCo id (`Hopper-v5`)"""
     total_timesteps: int = 1_000_000
     """total environment steps (action repeat included)"""
     learning_starts: int = 10_000
