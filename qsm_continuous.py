@@ -86,7 +86,7 @@ class Args:
     """continue a run exactly from its run directory or checkpoint (flags not given: the checkpoint's)"""
 
     env_id: str = "cheetah-run"
-    """dm_control's `domain-task` (split at the first `-`: `ball_in_cup-catch`) or a Gymnasium MuJoCo id (`Hopper-v5`)"""
+    """dm_control's `domain-task` (split at the first `-`: `ball_in_cup-catch`) or a Gymnasium MuJoCo id: `Hopper-v5`"""
     total_timesteps: int = 1_000_000
     """total environment steps (action repeat included)"""
     learning_starts: int = 10_000
