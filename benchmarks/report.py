@@ -57,7 +57,26 @@ SAC = {
     },
     "humanoid-walk": {0: (0.9, 0.8, 0.8), 100_000: (0.9, 1.4, 1.0)},
     "pendulum-swingup": {0: (0.0, 0.0, 1.5), 100_000: (0.0, 100.0, 188.1)},  # issue 31's check (docs/pendulum)
+    # Gymnasium's tasks: the 10 seeds of Tianshou's MuJoCo benchmark (github.com/thu-ml/tianshou at 39acf20,
+    # examples/mujoco/benchmark/{task}-v3/sac/test_rew_10seeds.csv; 10 episodes an evaluation) at 0, 50k and 100k.
+    "HalfCheetah-v5": {
+        0: (-1.1, -1.5, -2.7, -3.5, -1.2, -2.3, -1.3, -2.0, -2.1, -2.5),
+        50_000: (4800.5, 4863.5, 4642.2, 4911.8, 4477.1, 5449.6, 4271.5, 4848.5, 4985.8, 4221.8),
+        100_000: (5628.6, 7288.5, 6417.8, 6397.9, 6371.8, 7151.6, 7201.4, 6062.1, 6477.3, 6149.3),
+    },
+    "Hopper-v5": {
+        0: (17.9, 21.6, 56.9, 12.3, 15.7, 95.4, 12.2, 67.4, 56.1, 119.1),
+        50_000: (744.8, 383.6, 1300.2, 601.2, 494.5, 1008.8, 1460.4, 893.2, 1240.1, 385.0),
+        100_000: (2989.4, 420.4, 3206.6, 901.0, 2967.4, 3429.8, 3061.8, 3018.7, 3132.4, 3007.1),
+    },
+    "Walker2d-v5": {
+        0: (7.8, 3.4, -5.9, -4.9, 3.9, 41.2, 3.3, 7.5, 11.2, -3.1),
+        50_000: (744.8, 412.2, 425.1, 403.2, 859.6, 443.8, 1827.6, 525.0, 840.5, 471.9),
+        100_000: (518.8, 509.8, 612.0, 1573.4, 2684.0, 850.1, 1436.2, 2595.5, 1715.3, 557.2),
+    },
 }
+# Whose SAC each task's is, where not TD-MPC2's (the curves' legend; GYM_SOURCES says what Tianshou ran).
+SAC_SOURCE = dict.fromkeys(("HalfCheetah-v5", "Hopper-v5", "Walker2d-v5"), "Tianshou, v3 tasks")
 BEST_100K = {
     "cheetah-run": "648 (MR.Q)",
     "walker-walk": "967 (BRO)",
@@ -67,6 +86,11 @@ BEST_100K = {
     "humanoid-walk": "34 (SimbaV2)",
 }
 SOURCES = "SAC: TD-MPC2's published result files (3 seeds); best published: the methods' own result files"
+GYM_SOURCES = (
+    "SAC on Gymnasium's tasks: Tianshou's MuJoCo benchmark (10 seeds, 10 episodes an evaluation), run on gym 0.17.3's "
+    "v3 tasks: v5's models and rewards but for Walker2d-v5's right foot (friction 0.9 -> 1.9, the left's) and v5's "
+    "healthy reward of Hopper and Walker2d, no longer paid on the step that ends an episode"
+)
 # At the study's step counts (the saturation issue): SAC at 100k (TD-MPC2's files), the best published at 100k/30k.
 EARLY_REFERENCES = {
     "cheetah-run": {"SAC @100k": 310, "MR.Q @100k": 648},
@@ -163,7 +187,7 @@ def summarize(out):
         f"initial state at each run's last evaluation; near ±1: within {NEAR_BOUND} of a bound; modes: local "
         f"maxima of a Gaussian kernel density estimate (bandwidth {MODE_BANDWIDTH}) with a prominence of at "
         f"least {MODE_PROMINENCE:.0%} of the highest, per action component, averaged over components and seeds.",
-        f"References: {SOURCES}.",
+        f"References: {SOURCES}{'; ' + GYM_SOURCES if SAC_SOURCE.keys() & runs.keys() else ''}.",
         "",
     ]
     lines += rerun_lines(out, runs)
@@ -528,14 +552,15 @@ def plot(out, runs):
             steps, values = list(sac), [np.array(v) for v in sac.values()]
             means = np.array([v.mean() for v in values])
             spread = np.clip([means - [v.min() for v in values], [v.max() for v in values] - means], 0.0, None)
-            ax.errorbar(steps, means, yerr=spread, fmt="s", color="C3", capsize=3, label="SAC, 3 seeds (TD-MPC2)")
+            label = f"SAC, {len(values[0])} seeds ({SAC_SOURCE.get(env_id, 'TD-MPC2')})"
+            ax.errorbar(steps, means, yerr=spread, fmt="s", color="C3", capsize=3, label=label)
         ax.set(
             title=env_id, xlabel="environment steps", ylabel="eval return", ylim=(0, 1000) if bounded(env_id) else None
         )
         ax.legend(fontsize=7, loc="upper left")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle("QSM: mean and min-max over seeds; SAC: TD-MPC2's result files at the same steps", fontsize=8)
+    fig.suptitle("QSM: mean and min-max over seeds; SAC: published result files at the same steps", fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=120)
     plt.close(fig)

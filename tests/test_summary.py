@@ -149,13 +149,35 @@ def test_gymnasium_tasks_are_summarised_but_left_out_of_the_aggregate(tmp_path):
     aggregate stays over the dm_control tasks and names the task it left out."""
     for seed, value in enumerate([300.0, 400.0, 500.0], start=1):
         fake_run(tmp_path, "cheetah-run", seed, [(1000, value)], [20.0])
-        fake_run(tmp_path, "Hopper-v5", seed, [(1000, 3000.0 + value)], [20.0])
+        fake_run(tmp_path, "Hopper-v5", seed, [(100_000, 3000.0 + value)], [20.0])
     result = bench("summary", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     text = (tmp_path / "results.md").read_text()
-    assert "| Hopper-v5 | 1 2 3 | 1000 | 3400.0 ± 81.6 |" in text
+    assert "| Hopper-v5 | 1 2 3 | 100000 | 3400.0 ± 81.6 | 2613 ± 991 |" in text  # SAC: Tianshou's, not TD-MPC2's
+    assert "SAC on Gymnasium's tasks: Tianshou's MuJoCo benchmark (10 seeds" in text
     assert "Aggregate at step 1000 over cheetah-run (3 seeds each): IQM" in text and "QSM 0.400 [" in text
     assert "Left out of it: Hopper-v5 (Gymnasium's returns have no bound" in text
+
+
+# Tianshou's own summary of its 10 seeds (the rew and rew:shaded columns of test_rew_10seeds.csv): the mean and
+# population std of the seeds report.SAC took from the same rows, each rounded to 0.1.
+TIANSHOU_MEAN_STD = {
+    ("HalfCheetah-v5", 0): (-2.0271, 0.7352),
+    ("HalfCheetah-v5", 50_000): (4747.2399, 345.0121),
+    ("HalfCheetah-v5", 100_000): (6514.6227, 514.2304),
+    ("Hopper-v5", 0): (47.4556, 36.0937),
+    ("Hopper-v5", 50_000): (851.1729, 372.5027),
+    ("Hopper-v5", 100_000): (2613.4592, 990.7811),
+    ("Walker2d-v5", 0): (6.442, 12.7772),
+    ("Walker2d-v5", 50_000): (695.3813, 413.9007),
+    ("Walker2d-v5", 100_000): (1305.246, 795.0855),
+}
+
+
+@pytest.mark.parametrize(("env_id", "step"), list(TIANSHOU_MEAN_STD))
+def test_the_gymnasium_sac_seeds_are_tianshous(env_id, step):
+    """A seed mistyped (or taken from another row or file) moves the mean or the std off the file's own columns."""
+    assert stats.mean_std(report.SAC[env_id][step]) == pytest.approx(TIANSHOU_MEAN_STD[env_id, step], abs=0.1)
 
 
 def known_modes(name, rng):
