@@ -6,12 +6,12 @@ action repeat and reward sums). Prints a markdown table: per seed the mean ± st
 """
 
 import argparse
-import sys
 from unittest import mock
 
 import events
 import numpy as np
 import torch
+from report import fail
 
 
 def random_returns(env_id: str, seed: int, episodes: int = 5, action_repeat: int = 1) -> np.ndarray:
@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     parser.add_argument("--episodes", type=int, default=5, help="episodes per evaluation (the script's default: 5)")
     opts = parser.parse_args(argv)
     if problem := events.unknown_env_id(opts.env_ids):
-        sys.exit(f"error: {problem}")  # one line, as the other subcommands
+        fail(problem)  # one line and exit 2, as the other subcommands
     print("| task | seed | uniform random policy: eval return |\n|---|---|---|")
     for env_id in opts.env_ids:
         means = []

@@ -100,7 +100,7 @@ EARLY_REFERENCES = {
 
 
 def fail(message):
-    """Bad input to the grid or the summary: one line on stderr and exit 2, as the script's own."""
+    """Bad input to a benchmark.sh subcommand: one line on stderr and exit 2, as the script's own."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 

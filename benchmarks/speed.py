@@ -37,6 +37,7 @@ import qsm_continuous as qsm  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import events  # noqa: E402
+from report import fail  # noqa: E402
 
 LEARNING_STARTS = 500
 
@@ -68,11 +69,11 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--plot", metavar="PNG", help="--baselines: also plot steps/s against batch and T to PNG")
     opts = parser.parse_args(argv)
     if opts.cuda and not torch.cuda.is_available():
-        sys.exit("error: --cuda was given but torch sees no CUDA device")
+        fail("--cuda was given but torch sees no CUDA device")
     if opts.repeats < 1:
-        sys.exit(f"error: --repeats must be at least 1, got {opts.repeats}")
+        fail(f"--repeats must be at least 1, got {opts.repeats}")
     if opts.steps < 500:
-        sys.exit("error: --steps must be at least 500 (5 windows of 100 steps, 2 of them warm-up)")
+        fail("--steps must be at least 500 (5 windows of 100 steps, 2 of them warm-up)")
     if opts.cuda:
         default_modes = ["eager", "compile", "cudagraphs", "compile+cudagraphs", "compile+cudagraphs+bf16"]
     else:  # bf16 only where the CPU has bfloat16 matrix instructions (elsewhere it is slower than float32)
@@ -84,17 +85,17 @@ def parse(argv=None) -> argparse.Namespace:
             with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
                 args = mode_args(mode, "cheetah-run", opts.cuda)
         except SystemExit:
-            sys.exit(
-                f"error: --modes {mode!r} is unknown; use eager or the script's flags joined by +, a value after "
+            fail(
+                f"--modes {mode!r} is unknown; use eager or the script's flags joined by +, a value after "
                 "=, e.g. compile+best-of-n=16"
             )
         if args.cudagraphs and not opts.cuda:
-            sys.exit(f"error: --modes {mode!r} needs --cuda")
+            fail(f"--modes {mode!r} needs --cuda")
     if problem := events.unknown_env_id(opts.env_ids):
-        sys.exit(f"error: {problem}")
+        fail(problem)
     for script in opts.scripts:
         if not os.path.isfile(script):
-            sys.exit(f"error: --scripts {script!r}: no such file")
+            fail(f"--scripts {script!r}: no such file")
     opts.scripts = [os.path.abspath(script) for script in opts.scripts]
     return opts
 

@@ -24,13 +24,15 @@ def test_random_returns_are_the_evaluation_episodes_under_uniform_actions(qsm):
     assert returns[0] != returns[1] and (returns > 0).all()  # two different episodes, each with some reward
 
 
-def test_unknown_task_is_one_line_naming_the_valid_ids():
-    """The grid's and the speed benchmark's message (one helper, events.unknown_env_id), before any episode runs."""
+def test_unknown_task_is_one_line_naming_the_valid_ids(capsys):
+    """The grid's and the speed benchmark's message (one helper, events.unknown_env_id) and exit status (2, as argparse
+    and the script), before any episode runs."""
     with pytest.raises(SystemExit) as exit_:
         random_policy.main(["--env-ids", "pendulum-swingup", "cheetah_run"])
-    message = exit_.value.code
-    assert message.startswith(
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and out == ""
+    assert err.startswith(
         "error: --env-ids 'cheetah_run' is neither a dm_control task nor a Gymnasium MuJoCo task; "
         "did you mean 'cheetah-run'?"
     )
-    assert "\n" not in message
+    assert err.count("\n") == 1
