@@ -387,13 +387,14 @@ def baseline_of(out, variants):
 
 def improvement_lines(curves, baseline, min_seeds=3):
     """Per task and over tasks, each variant's probability of improvement over the baseline (rliable) with its
-    interval, and the IQM difference, at the last step that every seed of both reached; why not, with fewer seeds."""
+    interval, and the IQM difference, at the last step that every seed of both reached; why not, with fewer seeds.
+    Over tasks: the dm_control tasks only, as the aggregate (return / 1000 means nothing on Gymnasium's)."""
     lines = [
         f"Probability of improvement over {baseline}: P(variant > baseline) for a seed of each drawn at random (ties "
         "half; 0.5: no difference), with its 95% stratified-bootstrap interval (rliable, 2,000 resamples); IQM "
         f"difference: the variant's interquartile mean of the eval return minus the baseline's. Needs {min_seeds}+ "
-        "seeds per variant; over tasks: each task at its own equal step, return / 1000, the seeds each task has "
-        "in common.",
+        "seeds per variant; over tasks: the dm_control tasks, each at its own equal step, return / 1000, the seeds "
+        "each task has in common.",
         "",
         "| task | variant | step | seeds (variant, baseline) | P(variant > baseline) | IQM difference |",
         "|---|---|---|---|---|---|",
@@ -416,7 +417,8 @@ def improvement_lines(curves, baseline, min_seeds=3):
             lines.append(
                 f"| {env_id} | {variant} | {step} | {counts} | {p:.2f} [{low:.2f}, {high:.2f}] | {diff:+.1f} |"
             )
-            tasks[env_id] = (x, y)
+            if bounded(env_id):
+                tasks[env_id] = (x, y)
         if len(tasks) > 1:
             n_x, n_y = min(len(x) for x, _ in tasks.values()), min(len(y) for _, y in tasks.values())
             x = np.array([x[:n_x] for x, _ in tasks.values()]).T / 1000
