@@ -128,7 +128,7 @@ def summarize(out):
     rows, curves = [], []
     for env_id, seeds in sorted(runs.items()):
         steps, finals = stats.last_common_step([evals for evals, *_ in seeds.values()])
-        common = sorted(set.intersection(*(set(evals) for evals, *_ in seeds.values())))
+        common = stats.common_steps(evals for evals, *_ in seeds.values())
         for step in common:
             mean, std = stats.mean_std([evals[step] for evals, *_ in seeds.values()])
             curves.append({"env_id": env_id, "step": step, "seeds": len(seeds), "mean": mean, "std": std})
@@ -336,7 +336,7 @@ def summarize_study(out):
         "",
     ]
     for env_id, variants in sorted(curves.items()):  # the variants at equal steps: those every seed reached
-        common = {v: sorted(set.intersection(*(set(dict(run)) for run in runs))) for v, runs in variants.items()}
+        common = {v: stats.common_steps(dict(run) for run in runs) for v, runs in variants.items()}
         steps = sorted(set().union(*common.values()))
         lines += [
             f"{env_id}, eval return at equal steps, mean ± std over seeds:",
@@ -410,7 +410,7 @@ def improvement_lines(curves, baseline, min_seeds=3):
             if min(len(x_runs), len(y_runs)) < min_seeds:
                 lines.append(f"| {env_id} | {variant} | - | {counts} | needs {min_seeds}+ seeds of each | - |")
                 continue
-            step = max(set.intersection(*(set(dict(run)) for run in x_runs + y_runs)))
+            step = stats.common_steps(dict(run) for run in x_runs + y_runs)[-1]
             x, y = [dict(run)[step] for run in x_runs], [dict(run)[step] for run in y_runs]
             p, low, high = stats.improvement_probability([[v] for v in x], [[v] for v in y])
             diff = stats.iqm(x) - stats.iqm(y)
@@ -506,7 +506,7 @@ def plot_actions(out, run_dir, acc):
 
 def plot_seeds(ax, runs, color, label, alpha):
     """Eval return over the steps every seed evaluated: the mean, and the min-max band over seeds."""
-    steps = sorted(set.intersection(*(set(s for s, _ in evals) for evals in runs)))
+    steps = stats.common_steps(dict(evals) for evals in runs)
     values = [[dict(evals)[s] for s in steps] for evals in runs]
     ax.plot(steps, [statistics.fmean(v[i] for v in values) for i in range(len(steps))], color=color, label=label)
     low, high = ([f(v[i] for v in values) for i in range(len(steps))] for f in (min, max))

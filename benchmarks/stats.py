@@ -41,6 +41,11 @@ def last_common_step(curves):
     return step, [curve.get(step, math.nan) for curve in curves]
 
 
+def common_steps(curves):
+    """curves: eval curves {step: return} -> the steps at which every one has an evaluation, in order."""
+    return sorted(set.intersection(*(set(curve) for curve in curves)))
+
+
 def median_sps(per_seed):
     """The median over seeds of each seed's median training steps/s; seeds that logged none are left out (NaN if
     none did)."""
