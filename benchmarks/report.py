@@ -24,7 +24,6 @@ from stats import MODE_BANDWIDTH, MODE_PROMINENCE, NEAR_BOUND
 
 # SAC at equal steps: the eval return of seeds 1, 2, 3 every 100k environment steps in TD-MPC2's published
 # results/sac/{task}.csv (github.com/nicklashansen/tdmpc2): at 0 and 100k, and to 1M for the tasks of the 1M runs.
-# Best published at 100k: the methods' own result files (README, Results).
 SAC = {
     "cheetah-run": {
         0: (0.1, 0.1, 0.1),
@@ -77,15 +76,25 @@ SAC = {
 }
 # Whose SAC each task's is, where not TD-MPC2's (the curves' legend; GYM_SOURCES says what Tianshou ran).
 SAC_SOURCE = dict.fromkeys(("HalfCheetah-v5", "Hopper-v5", "Walker2d-v5"), "Tianshou, v3 tasks")
-BEST_100K = {
-    "cheetah-run": "648 (MR.Q)",
-    "walker-walk": "967 (BRO)",
-    "walker-run": "723 (TD-MPC2)",
-    "quadruped-walk": "906 (SimbaV2)",
-    "hopper-hop": "176 (SimbaV2)",
-    "humanoid-walk": "34 (SimbaV2)",
+# The best published eval return at 100k and at 1M, from the methods' own result files (README; docs/horizon.md).
+BEST = {
+    "cheetah-run": {100_000: "648 (MR.Q)", 1_000_000: "920 (SimbaV2)"},
+    "walker-walk": {100_000: "967 (BRO)", 1_000_000: "980 (TD-MPC2)"},
+    "walker-run": {100_000: "723 (TD-MPC2)", 1_000_000: "849 (DIME)"},
+    "quadruped-walk": {100_000: "906 (SimbaV2)", 1_000_000: "966 (SimbaV2)"},
+    "hopper-hop": {100_000: "176 (SimbaV2)", 1_000_000: "445 (BRO)"},
+    "humanoid-walk": {100_000: "34 (SimbaV2)", 1_000_000: "909 (BRO)"},
+}
+# TD3 at 500k and 1M: the mean over 8 seeds of a public Spinning Up benchmark on DMC (action repeat 1; the curves).
+TD3 = {
+    "cheetah-run": {500_000: 542, 1_000_000: 596},
+    "walker-run": {500_000: 486, 1_000_000: 531},
+    "quadruped-walk": {500_000: 361, 1_000_000: 362},
+    "hopper-hop": {500_000: 15, 1_000_000: 17},
+    "finger-spin": {500_000: 766, 1_000_000: 784},
 }
 SOURCES = "SAC: TD-MPC2's published result files (3 seeds); best published: the methods' own result files"
+TD3_SOURCE = "TD3 (the curves): a public Spinning Up benchmark on DMC (the mean of 8 seeds, action repeat 1)"
 GYM_SOURCES = (
     "SAC on Gymnasium's tasks: Tianshou's MuJoCo benchmark (10 seeds, 10 episodes an evaluation), run on gym 0.17.3's "
     "v3 tasks: v5's models and rewards but for Walker2d-v5's right foot (friction 0.9 -> 1.9, the left's) and v5's "
@@ -145,7 +154,7 @@ def summarize(out):
                 "final_std": final_std,
                 "sac_mean": sac_mean,
                 "sac_std": sac_std,
-                "best_published_100k": BEST_100K.get(env_id, "-"),
+                "best_published": BEST.get(env_id, {}).get(steps, "-"),
                 "near_bounds": statistics.fmean(s for *_, shares, _ in seeds.values() for s in shares or [math.nan]),
                 "modes_mean": statistics.fmean(modes) if modes else math.nan,
                 "multimodal": sum(n > 1 for n in modes) / len(modes) if modes else math.nan,
@@ -158,7 +167,7 @@ def summarize(out):
         write_csv(os.path.join(out, "probes.csv"), probes)
     labelled = any(m != "?" for ms in machines.values() for m in ms)  # runs that recorded their cores and threads
     lines = [
-        "| task | seeds | steps | QSM eval return | SAC, same step | best published @100k | probe: near ±1 | "
+        "| task | seeds | steps | QSM eval return | SAC, same step | best published, same step | probe: near ±1 | "
         f"probe: modes per action | components with 2+ modes | train steps/s{' (cores x threads)' * labelled} |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -168,7 +177,7 @@ def summarize(out):
         sps = f"{r['sps']:.1f}" + (f" ({' '.join(known)})" if known else "")
         lines.append(
             f"| {r['env_id']} | {r['seeds']} | {r['steps']} | {r['final_mean']:.1f} ± {r['final_std']:.1f} | "
-            f"{sac} | {r['best_published_100k']} | {r['near_bounds']:.0%} | {r['modes_mean']:.2f} | "
+            f"{sac} | {r['best_published']} | {r['near_bounds']:.0%} | {r['modes_mean']:.2f} | "
             f"{r['multimodal']:.0%} | {sps} |"
         )
     lines += ["", aggregate_line(runs, rows), "", "Learning curves, mean ± std over seeds:", ""]
@@ -180,6 +189,8 @@ def summarize(out):
     for env_id in sorted(runs):
         at = {c["step"]: f"{c['mean']:.0f} ± {c['std']:.0f}" for c in curves if c["env_id"] == env_id}
         lines.append(f"| {env_id} | " + " | ".join(at.get(s, "") for s in steps) + " |")
+    references = [SOURCES] + [GYM_SOURCES] * bool(SAC_SOURCE.keys() & runs.keys())
+    references += [TD3_SOURCE] * any(up_to_last_evaluation(TD3.get(e, {}), seeds) for e, seeds in runs.items())
     lines += [
         "",
         "Eval return: mean ± std (population) over seeds at the last step that every seed of the task "
@@ -187,7 +198,7 @@ def summarize(out):
         f"initial state at each run's last evaluation; near ±1: within {NEAR_BOUND} of a bound; modes: local "
         f"maxima of a Gaussian kernel density estimate (bandwidth {MODE_BANDWIDTH}) with a prominence of at "
         f"least {MODE_PROMINENCE:.0%} of the highest, per action component, averaged over components and seeds.",
-        f"References: {SOURCES}{'; ' + GYM_SOURCES if SAC_SOURCE.keys() & runs.keys() else ''}.",
+        f"References: {'; '.join(references)}.",
         "",
     ]
     lines += rerun_lines(out, runs)
@@ -536,33 +547,41 @@ def write_csv(path, rows):
         writer.writerows(rows)
 
 
+def up_to_last_evaluation(points, seeds):
+    """The published points ({step: returns}) at the steps up to the task's last evaluation by any seed."""
+    last = max(max(evals) for evals, *_ in seeds.values())
+    return {step: value for step, value in points.items() if step <= last}
+
+
 def plot(out, runs):
-    """Eval return against environment steps per task: QSM's mean and min-max band over seeds, and SAC's seeds at the
-    same steps (mean, min-max bar)."""
+    """Eval return against environment steps per task: QSM's mean and min-max band over seeds, SAC's seeds at the
+    same steps (mean, min-max bar) and TD3's means."""
     plt = pyplot()
 
     n = len(runs)
     cols = min(n, 3)
     fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(5 * cols, 3.6 * math.ceil(n / cols)), squeeze=False)
     for ax, (env_id, seeds) in zip(axes.flat, sorted(runs.items()), strict=False):
-        last = max(max(evals) for evals, *_ in seeds.values())
         plot_seeds(
             ax, [sorted(evals.items()) for evals, *_ in seeds.values()], "C0", f"QSM, {len(seeds)} seed(s)", 0.25
         )
-        sac = {step: values for step, values in SAC.get(env_id, {}).items() if step <= last}
+        sac = up_to_last_evaluation(SAC.get(env_id, {}), seeds)
         if sac:
             steps, values = list(sac), [np.array(v) for v in sac.values()]
             means = np.array([v.mean() for v in values])
             spread = np.clip([means - [v.min() for v in values], [v.max() for v in values] - means], 0.0, None)
             label = f"SAC, {len(values[0])} seeds ({SAC_SOURCE.get(env_id, 'TD-MPC2')})"
             ax.errorbar(steps, means, yerr=spread, fmt="s", color="C3", capsize=3, label=label)
+        td3 = up_to_last_evaluation(TD3.get(env_id, {}), seeds)
+        if td3:
+            ax.plot(list(td3), list(td3.values()), "D", color="C2", label="TD3, mean of 8 seeds (Spinning Up)")
         ax.set(
             title=env_id, xlabel="environment steps", ylabel="eval return", ylim=(0, 1000) if bounded(env_id) else None
         )
         ax.legend(fontsize=7, loc="upper left")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle("QSM: mean and min-max over seeds; SAC: published result files at the same steps", fontsize=8)
+    fig.suptitle("QSM: mean and min-max over seeds; SAC, TD3: published results at the same steps", fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=120)
     plt.close(fig)

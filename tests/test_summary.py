@@ -159,6 +159,22 @@ def test_gymnasium_tasks_are_summarised_but_left_out_of_the_aggregate(tmp_path):
     assert "Left out of it: Hopper-v5 (Gymnasium's returns have no bound" in text
 
 
+@pytest.mark.slow  # plots
+def test_the_published_references_follow_the_rows_step_to_the_papers_horizon(tmp_path, capsys):
+    """The best published is the one at the row's step (at 1M not the 100k one), none between the published steps;
+    TD3, published at 500k and 1M only, joins the curves and the references line once a run reaches 500k."""
+    fake_run(tmp_path, "cheetah-run", 1, [(100_000, 250.0), (250_000, 450.0)], [20.0])
+    report.summarize(str(tmp_path))
+    table = (tmp_path / "results.md").read_text()
+    assert "| cheetah-run | 1 | 250000 | 450.0 ± 0.0 | - | - |" in table  # SAC and the best: every 100k, at 100k/1M
+    assert report.TD3_SOURCE not in table
+    fake_run(tmp_path, "hopper-hop", 1, [(100_000, 0.0), (1_000_000, 120.0)], [20.0])
+    report.summarize(str(tmp_path))
+    table = (tmp_path / "results.md").read_text()
+    assert "| hopper-hop | 1 | 1000000 | 120.0 ± 0.0 | 70 ± 100 | 445 (BRO) |" in table  # SAC's seeds 0, 211.5, 0
+    assert report.TD3_SOURCE in table
+
+
 # Tianshou's own summary of its 10 seeds (the rew and rew:shaded columns of test_rew_10seeds.csv): the mean and
 # population std of the seeds report.SAC took from the same rows, each rounded to 0.1.
 TIANSHOU_MEAN_STD = {
